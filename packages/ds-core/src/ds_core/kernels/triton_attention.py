@@ -1,0 +1,557 @@
+"""Triton kernels for adaptive block-sparse attention (semantics: ``reference_attention.py``).
+
+Decode (one query token over a KV cache of S keys) is memory bound and short; three launches:
+
+1. ``_decode_scores_kernel``: block scores ``sum_g q_g . pooled_k[j]`` for every key block of
+   every GQA group, sinks and local window forced to +inf; reads only the pooled-key cache
+   (S / bs rows), in parallel over blocks.
+2. ``_select_kernel``: the exact top-``count`` of each row by bisection on order-preserving
+   integer keys (ties to the lower block), written as an ascending list of block indices.
+3. ``_decode_attn_kernel``: flash-decoding split over the kept blocks; all query heads of the
+   group are the M side of the dot, so each kept K/V block is read once per group, not once per
+   head. Each program publishes a partial (max, sum, numerator); the row's last program to
+   finish (an atomic ticket) merges them, so there is no fourth launch.
+
+A single fused kernel (each program scoring and selecting its row itself) was measured slower
+on H100 (docs/benchmarks/ds-core.md): the per-program walk over the pooled row is serial and
+latency bound, while step 1 spreads it over the whole GPU.
+
+Prefill (``_prefill_kernel``) is flash attention where each program owns one query block of
+``HPP`` heads of a GQA group and iterates only over that block's kept key blocks. The list is
+ascending and, under causal masking, ends with the diagonal block, so only the last iteration
+needs a mask. Its block scores and selection are small matrix ops done in PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ds_core.config import DsCoreError
+from ds_core.kernels.reference_attention import block_scores, pool_keys, select_blocks
+
+MAX_SELECT_BLOCKS = 1 << 16  # _select_kernel holds a row of scores in registers
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: few programs keep the CPU tests fast
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 inputs get exact float32 dots (tf32 would cost ~1e-3 relative error)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# --------------------------------------------------------------------------------------------
+# decode: block scores
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_scores_kernel(
+    Q, P, OUT,
+    s_qb, s_qh, s_qd,
+    s_pb, s_ph, s_pn, s_pd,
+    Hkv, n_pooled, n_blocks, qblock, sink_blocks, local_blocks,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)  # (batch, KV head): one GQA group
+    b = row // Hkv
+    h = row % Hkv
+    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    g = tl.arange(0, G_PAD)
+    q_ptr = Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :] * s_qd
+    qg = tl.load(q_ptr, mask=(g < G)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+    qsum = tl.sum(qg, axis=0)  # (BLOCK_D,): the group's query, summed over its heads
+    p_ptr = P + b * s_pb + h * s_ph + j[:, None] * s_pn + d[None, :] * s_pd
+    pk = tl.load(p_ptr, mask=(j < n_pooled)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+    score = tl.sum(pk * qsum[None, :], axis=1)  # (BLOCK_N,)
+    forced = (j < sink_blocks) | ((j <= qblock) & (j > qblock - local_blocks))
+    if CAUSAL:
+        visible = j <= qblock
+    else:
+        visible = j < n_blocks
+    score = tl.where(forced & visible, float("inf"), score)
+    score = tl.where(visible, score, float("-inf"))
+    tl.store(OUT + row * n_blocks + j, score, mask=j < n_blocks)
+
+
+def decode_block_scores(
+    q: Tensor,
+    pooled_k: Tensor,
+    *,
+    block_size: int,
+    q_start: int,
+    n_blocks: int,
+    causal: bool,
+    sink_blocks: int,
+    local_blocks: int,
+) -> Tensor:
+    """Masked block scores for one query token: (B, Hkv, 1, n_blocks) float32 (+inf forced).
+
+    Same values as ``reference_attention.block_scores`` for Tq = 1; reads only the pooled keys.
+    """
+    B, Hq, _, D = q.shape
+    Hkv = pooled_k.shape[1]
+    G = Hq // Hkv
+    out = torch.empty(B, Hkv, 1, n_blocks, device=q.device, dtype=torch.float32)
+    BLOCK_N = 64
+    _decode_scores_kernel[(B * Hkv, triton.cdiv(n_blocks, BLOCK_N))](
+        q, pooled_k, out,
+        q.stride(0), q.stride(1), q.stride(3),
+        pooled_k.stride(0), pooled_k.stride(1), pooled_k.stride(2), pooled_k.stride(3),
+        Hkv, min(pooled_k.shape[2], n_blocks), n_blocks, q_start // block_size, sink_blocks, local_blocks,
+        G=G, G_PAD=triton.next_power_of_2(G), D=D, BLOCK_D=triton.next_power_of_2(D),
+        BLOCK_N=BLOCK_N, CAUSAL=causal, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# decode: exact top-k selection
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _select_kernel(SC, IDX, n_blocks, count, NB: tl.constexpr):
+    row = tl.program_id(0)
+    j = tl.arange(0, NB)
+    x = tl.load(SC + row * n_blocks + j, mask=j < n_blocks, other=float("-inf"))
+    # float32 -> int key with the same order (flip the magnitude bits of negatives)
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+    # largest threshold t with #(key >= t) >= count: 32 steps of bisection over the int32 range
+    lo = tl.min(key, axis=0)
+    hi = tl.max(key, axis=0)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        enough = tl.sum((key >= mid).to(tl.int32), axis=0) >= count
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    above = key > lo
+    tie = key == lo
+    need = count - tl.sum(above.to(tl.int32), axis=0)
+    keep = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))  # ties: lower index first
+    slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    tl.store(IDX + row * count + slot, j, mask=keep)
+
+
+def select_top_blocks(scores: Tensor, count: int) -> Tensor:
+    """Indices (rows..., count) int32 of the ``count`` largest scores of each row, ascending.
+
+    The same set as ``scores.topk(count)`` (ties go to the lower index). A row is held in
+    registers, so rows are limited to MAX_SELECT_BLOCKS blocks (4M keys at block size 64).
+    """
+    *lead, n = scores.shape
+    if n > MAX_SELECT_BLOCKS:
+        raise DsCoreError(f"scores: rows of at most {MAX_SELECT_BLOCKS} blocks, got {n}")
+    rows = scores.reshape(-1, n)
+    out = torch.empty(*lead, count, device=scores.device, dtype=torch.int32)
+    NB = max(16, triton.next_power_of_2(n))
+    _select_kernel[(rows.shape[0],)](rows, out, n, count, NB=NB, num_warps=4 if NB <= 2048 else 8)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# decode: split-K attention over the kept blocks
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _merge_splits(
+    OP, ML, Out, row, b, h, s_ob, s_oh, s_od,
+    G, G_PAD: tl.constexpr, D, BLOCK_D: tl.constexpr, N_SPLITS: tl.constexpr,
+):  # fmt: skip
+    """Combine the row's per-split (max, sum, numerator) into the output (flash-decoding)."""
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, BLOCK_D)
+    m_run = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_run = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    for s in range(N_SPLITS):
+        part = (row * N_SPLITS + s) * G_PAD
+        # .cg: read from L2, where the other programs' stores are; L1 may hold stale lines
+        m_s = tl.load(ML + (part * 2 + g), cache_modifier=".cg")
+        l_s = tl.load(ML + (part * 2 + G_PAD + g), cache_modifier=".cg")
+        o_s = tl.load(OP + (part + g)[:, None] * BLOCK_D + d[None, :], cache_modifier=".cg")
+        m_new = tl.maximum(m_run, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # both empty so far
+        alpha = tl.exp2(m_run - m_safe)
+        beta = tl.exp2(m_s - m_safe)
+        l_run = l_run * alpha + l_s * beta
+        acc = acc * alpha[:, None] + o_s * beta[:, None]
+        m_run = m_new
+    out = acc / tl.where(l_run == 0.0, 1.0, l_run)[:, None]  # padding rows (g >= G) stay finite
+    o_ptr = Out + b * s_ob + (h * G + g)[:, None] * s_oh + d[None, :] * s_od
+    tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=(g < G)[:, None] & (d < D)[None, :])
+
+
+@triton.jit
+def _decode_attn_kernel(
+    Q, K, V, IDX, OP, ML, Out, TICKET,
+    s_qb, s_qh, s_qd,
+    s_kb, s_kh, s_ks, s_kd,
+    s_vb, s_vh, s_vs, s_vd,
+    s_ob, s_oh, s_od,
+    s_ir,
+    sm_scale, Hkv, S, qpos, count, per_split,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BS: tl.constexpr, N_SPLITS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)  # (batch, KV head): one GQA group
+    split = tl.program_id(1)  # which slice of the row's kept blocks
+    b = row // Hkv
+    h = row % Hkv
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    # all query heads of the group are the M side of the dot: each K/V block is read once
+    q_ptr = Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :] * s_qd
+    q = tl.load(q_ptr, mask=(g < G)[:, None] & dmask[None, :], other=0.0)  # (G_PAD, BLOCK_D)
+    qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, count)
+    offs = tl.arange(0, BS)
+    for n in range(lo, hi):
+        kpos = tl.load(IDX + row * s_ir + n).to(tl.int64) * BS + offs
+        kmask = kpos < S
+        if CAUSAL:
+            kmask = kmask & (kpos <= qpos)
+        k_ptr = k_base + kpos[None, :] * s_ks + d[:, None] * s_kd
+        k = tl.load(k_ptr, mask=kmask[None, :] & dmask[:, None], other=0.0)  # (BLOCK_D, BS)
+        v_ptr = v_base + kpos[:, None] * s_vs + d[None, :] * s_vd
+        v = tl.load(v_ptr, mask=kmask[:, None] & dmask[None, :], other=0.0)  # (BS, BLOCK_D)
+        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # (G_PAD, BS)
+        qk = tl.where(kmask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    # publish the partial result: (rows, N_SPLITS, G_PAD, BLOCK_D) and (rows, N_SPLITS, 2, G_PAD)
+    part = (row * N_SPLITS + split) * G_PAD
+    tl.store(OP + (part + g)[:, None] * BLOCK_D + d[None, :], acc)
+    tl.store(ML + (part * 2 + g), m_i)
+    tl.store(ML + (part * 2 + G_PAD + g), l_i)
+    # the row's last program to finish merges the partials (flash-decoding without a second
+    # launch); the barrier + acq_rel atomic publish this program's stores first
+    tl.debug_barrier()
+    ticket = tl.atomic_add(TICKET + row, 1, sem="acq_rel")
+    if ticket == N_SPLITS - 1:
+        _merge_splits(OP, ML, Out, row, b, h, s_ob, s_oh, s_od, G, G_PAD, D, BLOCK_D, N_SPLITS)
+        tl.atomic_xchg(TICKET + row, 0)  # ready for the next launch (and CUDA-graph replays)
+
+
+_tickets: dict[torch.device, Tensor] = {}
+
+
+def _ticket_buffer(device: torch.device, rows: int) -> Tensor:
+    buf = _tickets.get(device)
+    if buf is None or buf.numel() < rows:
+        buf = torch.zeros(max(rows, 1024), device=device, dtype=torch.int32)
+        _tickets[device] = buf
+    return buf
+
+
+def block_sparse_decode(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    indices: Tensor,
+    *,
+    block_size: int,
+    q_start: int,
+    causal: bool = True,
+    n_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> Tensor:
+    """Attention of one query token (q (B, Hq, 1, D)) over the kept blocks ``indices``.
+
+    ``indices`` (B, Hkv, [1,] count): every listed block is used, in any order.
+    """
+    B, Hq, _, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G, rows = Hq // Hkv, B * Hkv
+    count = indices.shape[-1]
+    idx = indices.reshape(rows, count)
+    if idx.stride(-1) != 1:
+        idx = idx.contiguous()
+    if n_splits is None:  # about two waves of programs, at least one block each
+        n_splits = max(1, min(count, triton.cdiv(2 * _num_sms(q.device), rows)))
+    per_split = triton.cdiv(count, n_splits)
+    n_splits = triton.cdiv(count, per_split)
+    G_PAD, BLOCK_D = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(D))
+    if num_stages > 1 and 2 * block_size * BLOCK_D * q.element_size() * num_stages > 160 * 1024:
+        num_stages = 1  # K and V tiles of every stage must fit in shared memory
+    out = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
+    o_part = torch.empty(rows, n_splits, G_PAD, BLOCK_D, device=q.device, dtype=torch.float32)
+    ml = torch.empty(rows, n_splits, 2, G_PAD, device=q.device, dtype=torch.float32)
+    _decode_attn_kernel[(rows, n_splits)](
+        q, k, v, idx, o_part, ml, out, _ticket_buffer(q.device, rows),
+        q.stride(0), q.stride(1), q.stride(3),
+        k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+        v.stride(0), v.stride(1), v.stride(2), v.stride(3),
+        out.stride(0), out.stride(1), out.stride(3),
+        idx.stride(0),
+        1.0 / math.sqrt(D), Hkv, S, q_start, count, per_split,
+        G=G, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D, BS=block_size, N_SPLITS=n_splits,
+        CAUSAL=causal, PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# prefill: flash attention over each query block's kept key blocks
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _prefill_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    IDX,
+    CNT,
+    s_qb,
+    s_qh,
+    s_qt,
+    s_qd,
+    s_kb,
+    s_kh,
+    s_ks,
+    s_kd,
+    s_vb,
+    s_vh,
+    s_vs,
+    s_vd,
+    s_ob,
+    s_oh,
+    s_ot,
+    s_od,
+    s_ib,
+    s_ih,
+    s_iq,
+    sm_scale,
+    Hkv,
+    Tq,
+    S,
+    q_start,
+    first_qblock,
+    n_qblocks,
+    G: tl.constexpr,
+    HPP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BS: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    qb = n_qblocks - 1 - tl.program_id(0)  # the longest rows (latest query blocks) start first
+    pid = tl.program_id(1)
+    n_hg: tl.constexpr = G // HPP
+    b = pid // (Hkv * n_hg)
+    h = (pid // n_hg) % Hkv
+    head0 = h * G + (pid % n_hg) * HPP
+    # rows of the tile are (head, position) pairs: HPP heads x BS positions of this query block
+    r = tl.arange(0, HPP * BS)
+    qpos = (first_qblock + qb) * BS + r % BS  # absolute positions
+    t = qpos - q_start
+    qmask = (t >= 0) & (t < Tq)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q = tl.load(
+        Q + b * s_qb + (head0 + r // BS)[:, None] * s_qh + t[:, None] * s_qt + d[None, :] * s_qd,
+        mask=qmask[:, None] & dmask[None, :],
+        other=0.0,
+    )  # (HPP*BS, BLOCK_D)
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([HPP * BS], float("-inf"), tl.float32)
+    l_i = tl.zeros([HPP * BS], tl.float32)
+    acc = tl.zeros([HPP * BS, BLOCK_D], tl.float32)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    i_base = IDX + b * s_ib + h * s_ih + qb * s_iq
+    count = tl.load(CNT + qb)
+    offs = tl.arange(0, BS)
+    if CAUSAL:
+        # every kept block but the last (the diagonal) lies fully before every query: no mask
+        n_free = count - 1
+    else:
+        n_free = 0
+    for n in range(0, n_free):
+        kpos = tl.load(i_base + n).to(tl.int64) * BS + offs
+        k = tl.load(k_base + kpos[None, :] * s_ks + d[:, None] * s_kd, mask=dmask[:, None], other=0.0)
+        v = tl.load(v_base + kpos[:, None] * s_vs + d[None, :] * s_vd, mask=dmask[None, :], other=0.0)
+        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    for n in range(n_free, count):
+        kpos = tl.load(i_base + n).to(tl.int64) * BS + offs
+        kmask = kpos < S
+        k = tl.load(
+            k_base + kpos[None, :] * s_ks + d[:, None] * s_kd, mask=kmask[None, :] & dmask[:, None], other=0.0
+        )
+        v = tl.load(
+            v_base + kpos[:, None] * s_vs + d[None, :] * s_vd, mask=kmask[:, None] & dmask[None, :], other=0.0
+        )
+        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        valid = kmask[None, :]
+        if CAUSAL:
+            valid = valid & (kpos[None, :] <= qpos[:, None])
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
+        p = tl.exp2(qk - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    o_ptr = Out + b * s_ob + (head0 + r // BS)[:, None] * s_oh + t[:, None] * s_ot + d[None, :] * s_od
+    tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=qmask[:, None] & dmask[None, :])
+
+
+def block_sparse_prefill(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    indices: Tensor,
+    counts: Tensor,
+    *,
+    block_size: int,
+    q_start: int,
+    causal: bool = True,
+    heads_per_program: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+) -> Tensor:
+    """Attention of Tq queries over the kept blocks of each query block.
+
+    ``indices`` (B, Hkv, n_qblocks, kmax) and ``counts`` (n_qblocks,) as from ``select_blocks``:
+    ascending, and under causal masking the diagonal block last.
+    """
+    B, Hq, Tq, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    first = q_start // block_size
+    nqb = indices.shape[2]
+    if heads_per_program is None:  # 128-row tiles measured best on H100 (bench_attention.py)
+        heads_per_program = max(h for h in (1, 2, 4) if G % h == 0 and h * block_size <= 128)
+    if G % heads_per_program:
+        raise DsCoreError(f"heads_per_program: {heads_per_program} does not divide the GQA group of {G}")
+    if num_warps is None:  # 64-key blocks: 4 warps; 128-key blocks: 8 (bench_attention.py, H100)
+        num_warps = 8 if block_size >= 128 else 4
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    if num_stages > 1 and 2 * block_size * BLOCK_D * q.element_size() * num_stages > 160 * 1024:
+        num_stages = 1  # K and V tiles of every stage must fit in shared memory (228 KB on H100)
+    out = torch.empty_like(q)
+    cnt = counts.to(device=q.device, dtype=torch.int32)
+    grid = (nqb, B * Hq // heads_per_program)
+    _prefill_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        indices,
+        cnt,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        q.stride(3),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        k.stride(3),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        v.stride(3),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        out.stride(3),
+        indices.stride(0),
+        indices.stride(1),
+        indices.stride(2),
+        1.0 / math.sqrt(D),
+        Hkv,
+        Tq,
+        S,
+        q_start,
+        first,
+        nqb,
+        G=G,
+        HPP=heads_per_program,
+        D=D,
+        BLOCK_D=BLOCK_D,
+        BS=block_size,
+        CAUSAL=causal,
+        PRECISION=_precision(q.dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the whole op
+# --------------------------------------------------------------------------------------------
+
+
+def sparse_attention_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    counts: Tensor,
+    *,
+    block_size: int,
+    q_start: int,
+    causal: bool,
+    sink_blocks: int,
+    local_blocks: int,
+    pooled_k: Tensor | None,
+) -> Tensor:
+    """Score, select and attend; ``counts`` (n_qblocks,) from ``block_counts`` (on the CPU)."""
+    S = k.shape[2]
+    n_blocks = -(-S // block_size)
+    if pooled_k is None:
+        pooled_k = pool_keys(k, block_size)
+    geometry = dict(
+        block_size=block_size,
+        q_start=q_start,
+        n_blocks=n_blocks,
+        causal=causal,
+        sink_blocks=sink_blocks,
+        local_blocks=local_blocks,
+    )
+    if q.shape[2] == 1 and n_blocks <= MAX_SELECT_BLOCKS:
+        scores = decode_block_scores(q, pooled_k, **geometry)
+        indices = select_top_blocks(scores, int(counts[0]))
+        return block_sparse_decode(q, k, v, indices, block_size=block_size, q_start=q_start, causal=causal)
+    scores = block_scores(q, pooled_k, **geometry)
+    indices = select_blocks(scores, counts)
+    if q.shape[2] == 1:
+        return block_sparse_decode(q, k, v, indices, block_size=block_size, q_start=q_start, causal=causal)
+    return block_sparse_prefill(
+        q, k, v, indices, counts, block_size=block_size, q_start=q_start, causal=causal
+    )

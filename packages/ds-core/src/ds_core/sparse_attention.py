@@ -1,0 +1,238 @@
+"""Adaptive sparse attention: each query block attends to a few key blocks, not to all of them.
+
+The kept key blocks are the attention sinks (the first ``sink_blocks``), a local window (the
+last ``local_blocks`` blocks up to the query's own, which is always kept) and the key blocks that
+score highest against the query by a cheap block score - the query (averaged over its query
+block, summed over the query heads of its GQA group) dotted with the mean key of the block. One
+selection is shared by all heads of a GQA group, so a kernel reads each kept K/V block once per
+group. How many blocks are kept: ``ceil((1 - attention_sparse_ratio) * visible blocks)`` or, with
+``attention_keep_keys``, ``ceil(attention_keep_keys / attention_block_size)``. Ratio 0 (and no key
+budget) is exact dense attention through ``F.scaled_dot_product_attention``.
+
+Semantics live in ``kernels/reference_attention.py``; this file validates inputs and dispatches:
+``"triton"`` runs ``kernels/triton_attention.py`` (GPU, or CPU under ``TRITON_INTERPRET=1``),
+``"torch"`` gathers the kept K/V blocks and runs SDPA on them (the CPU fast path).
+
+Decoding with a KV cache: the block score needs the mean key of every complete block. Recomputing
+it each step would read the whole K cache, which is half of what dense attention reads, so keep a
+pooled-key cache next to the KV cache and pass it as ``pooled_k``::
+
+    pooled = torch.zeros(B, Hkv, max_len // block_size, D, device=..., dtype=k_cache.dtype)
+    pool_keys(k_cache[:, :, :S], block_size, out=pooled, start=S - n_new)  # after appending keys
+    out = sparse_attention(q, k_cache[:, :, :S], v_cache[:, :, :S], sparsity=cfg, pooled_k=pooled)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ds_core import backends
+from ds_core.config import DsCoreError, SparsityConfig
+from ds_core.kernels.reference_attention import (
+    block_counts,
+    block_scores,
+    gather_sparse_attention,
+    pool_keys,
+    select_blocks,
+)
+
+__all__ = ["SparseAttention", "pool_keys", "sparse_attention"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, q_start: int | None, causal: bool) -> int:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise DsCoreError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            layout = "(B, Hq, Tq, D)" if name == "q" else "(B, Hkv, S, D)"
+            raise DsCoreError(f"{name}: expected a 4-d tensor {layout}, got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise DsCoreError(f"{name}: expected dtype float16, bfloat16 or float32, got {t.dtype}")
+        if t.numel() == 0:
+            raise DsCoreError(f"{name}: expected a non-empty tensor, got shape {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise DsCoreError(f"{name}: expected dtype {q.dtype} like q, got {t.dtype}")
+        if t.device != q.device:
+            raise DsCoreError(f"{name}: expected device {q.device} like q, got {t.device}")
+    if v.shape != k.shape:
+        raise DsCoreError(f"v: expected shape {tuple(k.shape)} like k, got {tuple(v.shape)}")
+    B, Hq, Tq, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise DsCoreError(f"k: expected batch {B} and head dim {D} like q, got shape {tuple(k.shape)}")
+    if Hq % k.shape[1]:
+        raise DsCoreError(f"k: {k.shape[1]} KV heads must divide the {Hq} query heads of q (GQA)")
+    S = k.shape[2]
+    if Tq > S:
+        raise DsCoreError(f"q: {Tq} queries cannot be among the {S} keys of k (Tq must be <= S)")
+    if q_start is None:
+        q_start = S - Tq
+    if isinstance(q_start, bool) or not isinstance(q_start, int) or not 0 <= q_start <= S - Tq:
+        raise DsCoreError(
+            f"q_start: expected an integer in [0, {S - Tq}] (the {Tq} queries must lie among the {S} keys), "
+            f"got {q_start!r}"
+        )
+    if not isinstance(causal, bool):
+        raise DsCoreError(f"causal: expected True or False, got {causal!r}")
+    return q_start
+
+
+def _dense(q: Tensor, k: Tensor, v: Tensor, q_start: int, causal: bool) -> Tensor:
+    Tq, S = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if not causal or q_start + Tq == S == q_start + 1:  # last token of a decode step sees every key
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if q_start == 0 and Tq == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    qpos = torch.arange(q_start, q_start + Tq, device=q.device)
+    mask = torch.arange(S, device=q.device)[None, :] <= qpos[:, None]  # (Tq, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def _triton_unsupported(q: Tensor, k: Tensor, block_size: int) -> str | None:
+    """Why the Triton kernels cannot take this problem, or None."""
+    if block_size < 16 or block_size & (block_size - 1):
+        return f"attention_block_size must be a power of two >= 16 for Triton, got {block_size}"
+    if q.shape[3] > 256:
+        return f"head dim must be <= 256 for Triton, got {q.shape[3]}"
+    if q.shape[1] // k.shape[1] > 64:
+        return f"GQA group must be <= 64 heads for Triton, got {q.shape[1] // k.shape[1]}"
+    return None
+
+
+def sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    sparsity: SparsityConfig | None = None,
+    causal: bool = True,
+    q_start: int | None = None,
+    backend: str = "auto",
+    pooled_k: Tensor | None = None,
+) -> Tensor:
+    """Causal attention over the selected key blocks: q (B, Hq, Tq, D), k/v (B, Hkv, S, D) -> (B, Hq, Tq, D).
+
+    q is post-RoPE; k, v are the valid prefix of the KV cache. The queries sit at positions
+    ``q_start .. q_start + Tq - 1`` of the S keys (default: the last Tq). ``pooled_k``
+    (B, Hkv, >= S // block_size, D) is an optional cache of mean keys per block (see
+    ``pool_keys``); without it the means are computed from k.
+    """
+    q_start = _check_inputs(q, k, v, q_start, causal)
+    cfg = SparsityConfig() if sparsity is None else sparsity
+    if not isinstance(cfg, SparsityConfig):
+        raise DsCoreError(f"sparsity: expected a SparsityConfig or None, got {type(cfg).__name__}")
+    keep_keys = cfg.attention_keep_keys
+    if cfg.attention_sparse_ratio == 0.0 and keep_keys is None:
+        backends.resolve(backend, q.device)  # still reject a bad backend name
+        return _dense(q, k, v, q_start, causal)
+
+    B, _, Tq, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    bs = cfg.attention_block_size
+    sinks, local = cfg.sink_blocks, max(1, cfg.local_blocks)  # a query always sees its own block
+    n_blocks = -(-S // bs)
+    first = q_start // bs
+    n_qblocks = (q_start + Tq - 1) // bs - first + 1
+    counts = block_counts(
+        first,
+        n_qblocks,
+        n_blocks,
+        causal=causal,
+        sink_blocks=sinks,
+        local_blocks=local,
+        keep_fraction=1.0 - cfg.attention_sparse_ratio,
+        keep_blocks=None if keep_keys is None else -(-keep_keys // bs),
+    )
+    n_visible = (
+        torch.arange(first + 1, first + n_qblocks + 1) if causal else torch.full_like(counts, n_blocks)
+    )
+    if bool((counts == n_visible).all()):  # the budget covers every visible block: that is dense
+        backends.resolve(backend, q.device)
+        return _dense(q, k, v, q_start, causal)
+    if pooled_k is not None:
+        need = S // bs if causal else n_blocks  # a causal partial last block is always forced
+        if (
+            not isinstance(pooled_k, Tensor)
+            or pooled_k.dim() != 4
+            or (pooled_k.shape[0], pooled_k.shape[1], pooled_k.shape[3]) != (B, Hkv, D)
+            or pooled_k.shape[2] < need
+        ):
+            got = tuple(pooled_k.shape) if isinstance(pooled_k, Tensor) else type(pooled_k).__name__
+            raise DsCoreError(f"pooled_k: expected shape ({B}, {Hkv}, >={need}, {D}), got {got}")
+        if pooled_k.device != q.device:
+            raise DsCoreError(f"pooled_k: expected device {q.device} like q, got {pooled_k.device}")
+
+    name = backends.resolve(backend, q.device)
+    if name == "triton":
+        why = _triton_unsupported(q, k, bs)
+        if why is not None:
+            if backend == "triton" or backends.forced_backend() == "triton":
+                raise DsCoreError(f"backend: {why}")
+            name = "torch"
+    if name == "triton":
+        from ds_core.kernels.triton_attention import sparse_attention_triton
+
+        return sparse_attention_triton(
+            q,
+            k,
+            v,
+            counts,
+            block_size=bs,
+            q_start=q_start,
+            causal=causal,
+            sink_blocks=sinks,
+            local_blocks=local,
+            pooled_k=pooled_k,
+        )
+    if pooled_k is None:
+        pooled_k = pool_keys(k, bs)
+    scores = block_scores(
+        q,
+        pooled_k,
+        block_size=bs,
+        q_start=q_start,
+        n_blocks=n_blocks,
+        causal=causal,
+        sink_blocks=sinks,
+        local_blocks=local,
+    )
+    indices = select_blocks(scores, counts)
+    return gather_sparse_attention(q, k, v, indices, counts, block_size=bs, q_start=q_start, causal=causal)
+
+
+class SparseAttention(nn.Module):
+    """``sparse_attention`` as a module that owns its ``SparsityConfig`` (no parameters).
+
+    ``forward(q, k, v, q_start=None, pooled_k=None)`` with q (B, Hq, Tq, D) post-RoPE and k, v
+    (B, Hkv, S, D) the valid KV prefix; returns (B, Hq, Tq, D).
+    """
+
+    def __init__(self, sparsity: SparsityConfig | None = None, *, causal: bool = True, backend: str = "auto"):
+        super().__init__()
+        self.sparsity = SparsityConfig() if sparsity is None else sparsity
+        self.causal = causal
+        self.backend = backend
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, *, q_start: int | None = None, pooled_k: Tensor | None = None
+    ) -> Tensor:
+        return sparse_attention(
+            q,
+            k,
+            v,
+            sparsity=self.sparsity,
+            causal=self.causal,
+            q_start=q_start,
+            backend=self.backend,
+            pooled_k=pooled_k,
+        )
+
+    def extra_repr(self) -> str:
+        keep = self.sparsity.attention_keep_keys
+        budget = f"keep_keys={keep}" if keep else f"ratio={self.sparsity.attention_sparse_ratio}"
+        return f"{budget}, block_size={self.sparsity.attention_block_size}, causal={self.causal}"

@@ -1,0 +1,63 @@
+"""Shared fixtures of the ds-core tests.
+
+The Triton kernels run in Triton's CPU interpreter here, so the CPU suite checks them against
+the PyTorch reference. The variable must be set before anything imports triton: ds_core imports
+its kernels lazily, and this conftest runs before any test module. ``TRITON_INTERPRET=0`` in the
+environment keeps the real GPU kernels on a CUDA machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util
+
+import pytest
+import torch
+
+import ds_core
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@pytest.fixture(autouse=True)
+def _clean_backend_override(monkeypatch):
+    """No test leaks a set_backend() override or a DS_CORE_BACKEND into the next."""
+    monkeypatch.delenv("DS_CORE_BACKEND", raising=False)
+    ds_core.reset_backend()
+    yield
+    ds_core.reset_backend()
+
+
+@pytest.fixture
+def needs_triton():
+    """Skip unless the Triton kernels can run here (installed, and a GPU or the interpreter)."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("triton kernels need a CUDA device or TRITON_INTERPRET=1")
+
+
+@pytest.fixture
+def make_mlp():
+    """Factory: a SparseMLP with seeded random weights, in eval mode, of the given dtype."""
+
+    def make(d_model=32, d_ff=96, ratio=0.5, mode="dynamic", bias=False, dtype=torch.float32, seed=0, **kw):
+        torch.manual_seed(seed)
+        cfg = ds_core.SparsityConfig(sparse_ratio=ratio, mode=mode, **kw)
+        return ds_core.SparseMLP(d_model, d_ff, cfg, bias=bias).to(dtype).eval()
+
+    return make
+
+
+@pytest.fixture
+def rel_err():
+    """||a - b|| / ||b|| in float64."""
+
+    def err(a: torch.Tensor, b: torch.Tensor) -> float:
+        a, b = a.double(), b.double()
+        return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+    return err

@@ -1,0 +1,327 @@
+"""Generation: prefill once into a preallocated KV cache, then one token per step.
+
+Prompts of different lengths are left-padded into one batch; the cache remembers each row's
+padding, so every row sees its own RoPE positions and never attends to padding (see KVCache).
+
+On CUDA the one-token decode step runs without per-token Python overhead (gpt-fast style: a
+static cache, shapes that never change between steps):
+  "compile"     the default on CUDA. Dense models: torch.compile(mode="reduce-overhead",
+                fullgraph=True), fused kernels captured in a CUDA graph. Sparse models: ds_core's
+                sparse MLP picks its kernels on the host (cached per weight version), which dynamo
+                cannot trace; the step is compiled with graph breaks there, and the whole of it is
+                captured once with torch.cuda.CUDAGraph and replayed.
+  "cuda-graph"  the eager step captured with torch.cuda.CUDAGraph and replayed (no compiler).
+  "eager"       plain PyTorch; the default on CPU.
+Sampling runs outside the graph with an explicitly seeded torch.Generator, so a seed gives the
+same tokens in every mode.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ds_models.config import ModelError
+from ds_models.model import KVCache, Transformer
+
+CACHE_ROUND = 256  # cache lengths are rounded up so nearby requests reuse one compiled graph
+
+
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]] | torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] | None = None,
+    seed: int | None = None,
+    stream: bool = False,
+    *,
+    mode: str = "auto",
+) -> list[list[int]] | Iterator[list[int | None]]:
+    """Continue each prompt by up to max_new_tokens tokens.
+
+    Returns the new tokens of every row (a row ends after its first stop token, which is kept).
+    With stream=True returns an iterator instead that yields, per step, one token per row
+    (None for rows that have already stopped). temperature 0 is greedy; otherwise logits are divided
+    by temperature, cut to top_k and to the top_p probability mass, and sampled. `mode` picks how the
+    decode step runs (module docstring); "auto" honours the environment variable DS_MODELS_DECODE.
+    """
+    rows = _check_prompts(model, prompts)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ModelError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ModelError(f"temperature: expected >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ModelError(f"top_k: expected a positive integer, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ModelError(f"top_p: expected a number in (0, 1], got {top_p}")
+    device = model.embed_tokens.weight.device
+    mode = _resolve_mode(model, mode, device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    stops = torch.tensor(sorted(set(stop_tokens or ())), dtype=torch.long, device=device)
+    steps = _steps(model, rows, max_new_tokens, temperature, top_k, top_p, generator, mode)
+    if stream:
+        return _stream(steps, stops, len(rows))
+    return _collect(steps, stops, len(rows))
+
+
+MODES = ("auto", "eager", "cuda-graph", "compile")
+
+
+def _resolve_mode(model: Transformer, mode: str, device: torch.device) -> str:
+    if mode == "auto":
+        mode = os.environ.get("DS_MODELS_DECODE", "auto")
+    if mode not in MODES:
+        raise ModelError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "auto":
+        if device.type != "cuda":
+            return "eager"
+        return "compile"
+    if mode == "cuda-graph" and device.type != "cuda":
+        raise ModelError(f"mode: cuda-graph needs the model on a CUDA device, it is on {device}")
+    return mode
+
+
+def _check_prompts(model: Transformer, prompts) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2:
+            raise ModelError(f"prompts: expected a (B, T) tensor, got shape {tuple(prompts.shape)}")
+        prompts = prompts.tolist()
+    rows = [list(map(int, p)) for p in prompts]
+    if not rows:
+        raise ModelError("prompts: expected at least one prompt")
+    vocab = model.config.vocab_size
+    for i, row in enumerate(rows):
+        if not row:
+            raise ModelError(f"prompts[{i}]: empty; every prompt needs at least one token")
+        bad = [t for t in row if not 0 <= t < vocab]
+        if bad:
+            raise ModelError(f"prompts[{i}]: token id {bad[0]} outside the vocabulary [0, {vocab})")
+    return rows
+
+
+def _collect(steps: Iterator[torch.Tensor], stops: torch.Tensor, batch: int) -> list[list[int]]:
+    # Tokens stay on the device until the end: no host sync per step, so the CPU queues graph
+    # replays ahead of the GPU. With stop tokens, check for "all rows done" every 32 steps.
+    tokens, done = [], torch.zeros(batch, dtype=torch.bool, device=stops.device)
+    for i, tok in enumerate(steps):
+        tokens.append(tok)
+        if stops.numel():
+            done |= torch.isin(tok, stops)
+            if i % 32 == 31 and bool(done.all()):
+                break
+    out = torch.stack(tokens, dim=1).tolist()  # (B, N)
+    if stops.numel():
+        stop_set = set(stops.tolist())
+        for row in out:
+            for j, t in enumerate(row):
+                if t in stop_set:
+                    del row[j + 1 :]
+                    break
+    return out
+
+
+def _stream(steps: Iterator[torch.Tensor], stops: torch.Tensor, batch: int) -> Iterator[list[int | None]]:
+    stop_set = set(stops.tolist())
+    done = [False] * batch
+    for tok in steps:
+        row_tokens: list[int | None] = []
+        for b, t in enumerate(tok.tolist()):
+            row_tokens.append(None if done[b] else t)
+            done[b] = done[b] or t in stop_set
+        yield row_tokens
+        if all(done):
+            return
+
+
+# ---- the engine ----------------------------------------------------------------------------------
+
+
+# Per model, the cache (and captured graph) of the last compiled / captured call. Reusing them keeps
+# the buffer addresses that a CUDA graph was recorded with: a fresh cache per call would make
+# torch.compile's graphs re-record (or a capture be redone) on every call.
+_reusable: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _decode_state(model: Transformer, batch: int, cache_len: int, mode: str) -> dict:
+    weights = model.embed_tokens.weight
+    new = {"cache": None, "graph": None, "busy": False, "key": None}
+    if mode != "eager":
+        # Weights replaced (model.to(...)) or updated in place (training) invalidate a recorded graph.
+        params = tuple((p.data_ptr(), p._version) for p in model.parameters())
+        key = (batch, cache_len, weights.dtype, weights.device, params)
+        state = _reusable.get(model)
+        if state is not None and state["key"] == key and not state["busy"]:
+            state["cache"].pad.zero_()
+            state["cache"].has_padding = state["cache"].fixed_shapes = False
+            return state
+        new["key"] = key
+        if state is None or not state["busy"]:  # a live stream keeps its own state
+            _reusable[model] = new
+    new["cache"] = KVCache(model.config, batch, cache_len, device=weights.device, dtype=weights.dtype)
+    return new
+
+
+def _steps(model, rows, max_new_tokens, temperature, top_k, top_p, generator, mode) -> Iterator[torch.Tensor]:
+    """Yield the sampled tokens (B,) of every step, on the model's device."""
+    device = model.embed_tokens.weight.device
+    B, T = len(rows), max(len(r) for r in rows)
+    cache_len = -(-(T + max_new_tokens) // CACHE_ROUND) * CACHE_ROUND
+    ids = torch.zeros(B, T, dtype=torch.long)  # (B, T), left-padded with token 0 (masked out)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, T - len(row) :] = torch.tensor(row)
+        mask[b, T - len(row) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    padded = any(len(r) < T for r in rows)
+
+    if mode != "eager":
+        for layer in model.layers:
+            layer.self_attn.fuse_qkv()  # no-op when already fused and intact
+    state = _decode_state(model, B, cache_len, mode)
+    cache = state["cache"]
+    state["busy"] = True
+    try:
+        logits = _prefill(model, cache, ids, mask if padded else None)  # (B, vocab)
+        tok = sample(logits, temperature, top_k, top_p, generator)
+        yield tok
+        if max_new_tokens == 1:
+            return
+        input_pos = torch.tensor([T], dtype=torch.long, device=device)
+        cache.fixed_shapes = mode != "eager"
+        if mode == "eager":
+            step = _decode_step
+        elif mode == "compile" and not _is_sparse(model):
+            step = _compiled_decode_step
+        else:
+            if state["graph"] is None:
+                state["graph"] = _capture(model, cache, tok[:, None], input_pos, mode)
+            step = state["graph"]
+        for _ in range(max_new_tokens - 1):
+            if step is _compiled_decode_step:
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
+            with torch.no_grad():
+                logits = step(model, cache, tok[:, None], input_pos)
+                tok = sample(logits, temperature, top_k, top_p, generator)
+                input_pos += 1
+            yield tok
+    finally:
+        state["busy"] = False
+
+
+@torch.no_grad()
+def _prefill(
+    model: Transformer, cache: KVCache, ids: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    # Prompt lengths vary from call to call, so the prefill runs eagerly; only the last position's
+    # logits are computed (lm_head over the whole prompt would be T x vocab for nothing).
+    h = model.hidden(ids, cache=cache, attention_mask=mask)  # (B, T, d_model)
+    return model.lm_head(h[:, -1]).float()
+
+
+def _decode_step(
+    model: Transformer, cache: KVCache, tokens: torch.Tensor, input_pos: torch.Tensor
+) -> torch.Tensor:
+    """tokens (B, 1) at cache slot input_pos (1,) -> logits (B, vocab) float32."""
+    h = model.hidden(tokens, input_pos=input_pos, cache=cache)  # (B, 1, d_model)
+    return model.lm_head(h[:, -1]).float()
+
+
+def _is_sparse(model: Transformer) -> bool:
+    return model.config.sparse_ratio > 0 or model.config.attention_sparse_ratio > 0
+
+
+_compiled: dict[str, object] = {}
+
+
+def _compiled_decode_step(model, cache, tokens, input_pos):
+    """Dense models: one graph, compiled and captured by torch.compile's CUDA graph trees."""
+    if "reduce-overhead" not in _compiled:
+        _compiled["reduce-overhead"] = torch.compile(
+            _decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False
+        )
+    return _compiled["reduce-overhead"](model, cache, tokens, input_pos)
+
+
+def _compiled_for_capture(model, cache, tokens, input_pos):
+    """Sparse models: inductor fuses what dynamo can trace; ds_core's sparse MLP, whose kernel choice
+    happens on the host, becomes graph breaks. _CapturedStep then records the whole step, graph
+    breaks included, into one CUDA graph, so the breaks cost nothing per token."""
+    if "default" not in _compiled:
+        _compiled["default"] = torch.compile(_decode_step, dynamic=False)
+    return _compiled["default"](model, cache, tokens, input_pos)
+
+
+def _capture(model, cache, tokens, input_pos, mode) -> _CapturedStep:
+    if mode == "compile":
+        try:
+            return _CapturedStep(model, cache, tokens, input_pos, _compiled_for_capture)
+        except Exception as e:  # a compiler failure must not cost the user the generation
+            warnings.warn(f"ds-models: compiling the sparse decode step failed ({e!r:.200}); "
+                          "capturing the eager step instead", RuntimeWarning, stacklevel=3)  # fmt: skip
+    return _CapturedStep(model, cache, tokens, input_pos, _decode_step)
+
+
+class _CapturedStep:
+    """The eager decode step recorded once into a CUDA graph, replayed for every token.
+
+    The graph reads its inputs from, and writes logits to, fixed buffers; the KV cache is written
+    in place at the slot held in `self.pos`. Warm-up runs happen on a side stream before capture
+    (as torch.cuda.graphs requires) and write only slots the real steps overwrite later.
+    """
+
+    def __init__(self, model, cache, tokens, input_pos, fn=None) -> None:
+        fn = fn or _decode_step
+        self.tokens, self.pos = tokens.clone(), input_pos.clone()
+        # Graph breaks resume in per-layer frames that dynamo specialises on the layer index: allow a
+        # compile per layer (only here, where everything compiles once before capture).
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch._dynamo.config.patch({limit: 4 * len(model.layers) + 8}), torch.no_grad():
+            with torch.cuda.stream(stream):
+                for _ in range(3):  # compiles; lets ds_core / cuBLAS pick and cache kernels, workspaces
+                    fn(model, cache, self.tokens, self.pos)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = fn(model, cache, self.tokens, self.pos)
+
+    def __call__(self, model, cache, tokens, input_pos) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.pos.copy_(input_pos)
+        self.graph.replay()
+        return self.logits
+
+
+def sample(
+    logits: torch.Tensor,  # (B, vocab) float
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row (B,): greedy at temperature 0, else temperature / top-k / top-p sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the first always stays).
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
