@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import tomllib
 from collections.abc import Sequence
 
-import tomllib
 from packaging.specifiers import Specifier
 from packaging.version import InvalidVersion, Version
 
