@@ -1,0 +1,3 @@
+from ds_serve.cli import main
+
+raise SystemExit(main())
