@@ -304,7 +304,7 @@ class QuantLinear(nn.Module):
                 w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
             self._cache = {"key": key, "w": w, "sz": sz.to(x.device)}
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()  # the CUDA kernel needs a dense A
         if x.is_cuda:
             y = torch.ops.aten._weight_int4pack_mm(x2, self._cache["w"], self.block_size, self._cache["sz"])
         else:
