@@ -59,7 +59,19 @@ def _nested(prog: str, parser: argparse.ArgumentParser) -> list[str]:
 
 
 def render() -> str:
-    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal; fix it so the page is stable
+    # argparse wraps to the terminal's width: fix it so the page is the same everywhere.
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        return _render()
+    finally:
+        if saved is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = saved
+
+
+def _render() -> str:
     lines = [
         "# Command-line reference",
         "",
