@@ -152,3 +152,20 @@ def test_quant_export_sparse_mlp(tmp_path, make_tiny, mode, bits):
         proto = onnx.load(str(tmp_path / "model.onnx"))
         gate_up = next(t for t in proto.graph.initializer if t.name.endswith("mlp.gate_up.stored"))
         assert list(gate_up.dims) == [160, 64]  # 2 x (160 - 80 kept) rows of d_model 64
+
+
+def test_quant_export_static_mlp_keeps_ds_cores_neuron_set(tmp_path, make_tiny):
+    """From d_ff >= 1024 ds-core rounds the kept count up to a multiple of 64 (aligned GEMM tiles); the
+    export must gather exactly ds-core's set, or fp32 parity breaks (it did, by 6e-3, on ds-small)."""
+    model = make_tiny(scale=2.0, sparse_ratio=0.3, sparsity_mode="static", d_ff=1024)
+    kept = model.layers[0].mlp.static_keep_indices()
+    assert kept.numel() == 768  # 1024 - round(307.2) = 717, rounded up to 12 x 64
+    x = torch.randint(0, 512, (2, 9))
+    with torch.no_grad(), set_backend("reference"):
+        ref = model(x).numpy()
+    export_onnx(model, tmp_path, metadata={"ds.config": json.dumps(model.config.to_dict())}, accuracy_level=0)
+    got = OnnxModel(tmp_path).logits(x.numpy())
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    gate_up = next(t for t in proto.graph.initializer if t.name.endswith("mlp.gate_up.stored"))
+    assert list(gate_up.dims) == [2 * 768, 64]

@@ -141,6 +141,10 @@ class SparseMLP(nn.Module):
             raise DsCoreError(f"SparseMLP: x: dtype {x.dtype} differs from the weights' {w.dtype}")
 
     # --------------------------------------------------------------------------- static mode
+    def static_keep_indices(self) -> Tensor:
+        """Ascending indices of the neurons static mode keeps (exporters gather these, e.g. ds-quant)."""
+        return reference.static_keep(self.neuron_score.detach(), self.sparsity.sparse_ratio)
+
     def _static_masked(self, x: Tensor) -> Tensor:
         keep = reference.static_keep(self.neuron_score, self.sparsity.sparse_ratio)
         soft = torch.sigmoid(self.neuron_score.float())

@@ -152,14 +152,13 @@ class _StaticSparseMLP(nn.Module):
 
     Float projections become the gathered dense weights of the kept neurons (a smaller MLP);
     quantized ones keep their packed rows and multiply the hidden activations by the 0/1 mask.
-    The kept set is the top (1 - sparse_ratio) of ``neuron_score``, as in ds_core's reference.
+    The kept set is ds_core's ``static_keep`` of ``neuron_score``, so the graph equals PyTorch.
     """
 
     def __init__(self, mlp: nn.Module) -> None:
         super().__init__()
         d_ff = mlp.neuron_score.shape[0]
-        n_keep = max(1, d_ff - round(mlp.sparsity.sparse_ratio * d_ff))
-        keep = torch.topk(mlp.neuron_score.detach().float(), n_keep, sorted=False).indices.sort().values
+        keep = mlp.static_keep_indices()  # ds-core's own rule, so the graph computes what PyTorch does
         self.gathered = all(type(p) is nn.Linear for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
         if self.gathered:
             g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
