@@ -115,7 +115,12 @@ class SparseMLP(nn.Module):
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
-        plain = all(type(m) is nn.Linear for m in (self.gate_proj, self.up_proj, self.down_proj))
+        projections = (self.gate_proj, self.up_proj, self.down_proj)
+        # The fast paths read the weights directly; projections that are swapped (quantized) or
+        # observed through hooks (GPTQ's Hessians, activation statistics) must run as modules.
+        plain = all(
+            type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in projections
+        )
         if self.sparsity.mode == "static":
             if needs_grad or not plain:
                 return self._static_masked(x)
