@@ -6,9 +6,10 @@ saved by gradient checkpointing -- all measured in one process, side by side.
 
 For each size (a ~350M ds model and the ds-1.5b registry entry, sequence length 2048, bf16):
 
-- ds:     ds-trainer's own optimizer step (``_Run.train_step``: token-normalised loss, clipping,
+- ds:     ds-trainer's own optimizer step (``Run.train_step``: token-normalised loss, clipping,
           fused AdamW, LambdaLR) on the model compiled block by block, SDPA (FlashAttention) attention.
-- hf:     transformers.Trainer on a LlamaForCausalLM of the same shape and batch: bf16 autocast,
+- hf:     transformers.Trainer on the HF twin of the same shape (ds_models.hf_import.hf_config_dict:
+          LlamaForCausalLM, Qwen2ForCausalLM for ds-1.5b) and batch: bf16 autocast,
           fused AdamW, SDPA -- its usual fast settings (no torch.compile, which it leaves off).
 - hf_compile: the same with TrainingArguments(torch_compile=True).
 - fp8:    the ds step with precision fp8 (accelerate + torchao float8 linears), if torchao is there.
@@ -104,7 +105,7 @@ def bench_ds(
 ) -> dict:
     from ds_models import Transformer
     from ds_trainer.config import TrainConfig
-    from ds_trainer.trainer import _Run
+    from ds_trainer.run import Run
 
     _reset()
     torch.manual_seed(0)
@@ -120,7 +121,7 @@ def bench_ds(
             "logging": {"progress": False, "jsonl": False},
         }
     )
-    run = _Run(cfg, model=model, train_dataset=_Rows(mb * (warmup + steps), seq, mc.vocab_size, hf=False))
+    run = Run(cfg, model=model, train_dataset=_Rows(mb * (warmup + steps), seq, mc.vocab_size, hf=False))
     run.setup()
     times = []
     for i in range(warmup + steps):
@@ -141,25 +142,18 @@ def bench_ds(
 
 
 def bench_hf(mc, mb: int, seq: int, warmup: int, steps: int, bf16: bool, compile: bool = False) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from ds_models.hf_import import hf_config_dict
 
     _reset()
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=mc.vocab_size,
-        hidden_size=mc.d_model,
-        intermediate_size=mc.d_ff,
-        num_hidden_layers=mc.n_layers,
-        num_attention_heads=mc.n_heads,
-        num_key_value_heads=mc.n_kv_heads,
-        max_position_embeddings=mc.max_seq_len,
-        rope_theta=mc.rope_theta,
-        rms_norm_eps=mc.norm_eps,
-        attention_bias=mc.qkv_bias,
-        tie_word_embeddings=mc.tie_embeddings,
-        attn_implementation="sdpa",
-    )
-    model = LlamaForCausalLM(config)
+    # The HF twin of the ds config, from ds-models' own export (the inverse of import-hf):
+    # LlamaForCausalLM, or Qwen2ForCausalLM where the model has q/k/v biases (ds-1.5b).
+    fields = hf_config_dict(mc)
+    fields.pop("architectures")
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
     times: list[float] = []
 

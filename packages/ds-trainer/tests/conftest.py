@@ -101,3 +101,46 @@ def losses_of():
         return out
 
     return read
+
+
+TOY_PLUGIN = Path(__file__).parent / "toy_plugin"
+
+
+@pytest.fixture(scope="session")
+def toy_task(tmp_path_factory) -> str:
+    """The toy regression task of tests/toy_plugin, installed the way a plugin package is: its
+    module on the path and an entry point ``toy-regression`` in the group ``ds_trainer.tasks``
+    (a .dist-info directory), visible to this process and to the processes torchrun starts."""
+    site = tmp_path_factory.mktemp("site")
+    info = site / "ds_trainer_toy_task-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ds-trainer-toy-task\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[ds_trainer.tasks]\ntoy-regression = ds_trainer_toy_task:ToyRegressionTask\n"
+    )
+    paths = [str(TOY_PLUGIN), str(site)]
+    old_path, old_env = list(sys.path), os.environ.get("PYTHONPATH")
+    sys.path[:0] = paths
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths + ([old_env] if old_env else []))
+    yield "toy-regression"
+    sys.path[:] = old_path
+    if old_env is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = old_env
+
+
+@pytest.fixture
+def toy_config(tmp_path, toy_task) -> dict:
+    """A toy-regression run: 256 examples, global batch 16 (micro-batch 8 x 2), 24 steps."""
+    return {
+        "output_dir": str(tmp_path / "toy"),
+        "seed": 0,
+        "task": toy_task,
+        "task_options": {"hidden": 32},
+        "data": {"micro_batch_size": 8, "grad_accum_steps": 2},
+        "optim": {"lr": 3.0e-2, "weight_decay": 0.0},
+        "schedule": {"steps": 24, "warmup_steps": 2},
+        "checkpoint": {"every": 0},
+        "logging": {"progress": False},
+    }

@@ -45,6 +45,11 @@ def test_help_shows_defaults(capsys):
         (["model.path=/no/such/model"], "model.path: /no/such/model: no such model directory"),
         (["precision.dtype=fp16"], "precision.dtype: fp16 needs a CUDA GPU"),
         (["data.seq_len=4096"], "data.seq_len: 4096 exceeds the model's max_seq_len 256"),
+        (
+            ["dp.enabled=true", "distributed.strategy=fsdp"],
+            "distributed.strategy: DP-SGD runs with ddp (opacus' DPDDP), not fsdp",
+        ),
+        (["task=lmm"], "task: 'lmm': unknown task (did you mean 'lm'?"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tiny_config, write_config, capsys, args, expected):

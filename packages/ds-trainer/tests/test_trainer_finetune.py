@@ -134,3 +134,29 @@ def test_dp_sgd_trains_and_reports_epsilon(tiny_config):
     assert result.epsilon == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-6)
     prov = json.loads(Path(result.model_dir, "provenance.json").read_text())
     assert prov["dp"]["epsilon"] == pytest.approx(result.epsilon) and prov["dp"]["delta"] == 1e-5
+
+
+@pytest.mark.slow
+def test_dp_sgd_in_two_processes(tiny_config):
+    """opacus' distributed DP-SGD: DPDDP, noise added once, Poisson batches from each process's
+    shard at the global sample rate; the accountant sees the global batch of 2 x 8 sequences."""
+    from opacus.accountants import RDPAccountant
+
+    tiny_config["data"].update(micro_batch_size=8, grad_accum_steps=1, max_train_sequences=96)
+    result = DistributedTrainer(
+        tiny_config,
+        gpus_per_node=2,
+        dp__enabled=True,
+        dp__noise_multiplier=0.5,
+        dp__max_grad_norm=1.0,
+        optim__lr=1e-2,
+        schedule__steps=12,
+    ).train()
+    assert result.world_size == 2 and result.step == 12
+    first, last = _first_last(result)
+    assert last < first - 0.1
+    acc = RDPAccountant()
+    acc.history = [(0.5, 16 / 96, 12)]
+    assert result.epsilon == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-6)
+    prov = json.loads(Path(result.model_dir, "provenance.json").read_text())
+    assert prov["world_size"] == 2 and prov["dp"]["epsilon"] == pytest.approx(result.epsilon)

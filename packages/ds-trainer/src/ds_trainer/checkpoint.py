@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ds_trainer.config import TrainConfig
 from ds_trainer.errors import TrainerError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -84,6 +85,31 @@ class CheckpointManager:
         for old in self.complete()[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+
+def find_resume(cfg: TrainConfig) -> Path | None:
+    """The checkpoint this run continues from; raises when it was written by a different config
+    (compared on the keys that determine the trajectory, ``TrainConfig.trajectory_dict``)."""
+    manager = CheckpointManager(Path(cfg.output_dir) / "checkpoints", cfg.checkpoint.keep_last)
+    latest = manager.latest()
+    if latest is None:
+        return None
+    if cfg.checkpoint.resume == "never":
+        raise TrainerError(
+            f"checkpoint.resume: never, but {cfg.output_dir} holds checkpoints of an earlier run "
+            "(use another output_dir or checkpoint.resume=auto)"
+        )
+    saved_path = latest / "train_config.yaml"
+    saved = TrainConfig.from_yaml(saved_path)
+    a, b = saved.trajectory_dict(), cfg.trajectory_dict()
+    diff = [
+        f"{k}: {a.get(k)!r} (checkpoint) != {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
+    if diff:
+        raise TrainerError(f"{saved_path}: resume directory was written by a different config: {diff[0]}")
+    return latest
 
 
 def pause_point(step: int) -> None:

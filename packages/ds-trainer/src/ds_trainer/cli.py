@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ds-train",
         description="Train ds models on HF accelerate: DDP/FSDP, mixed precision, exact resume, LoRA, "
-        "distillation, DP-SGD. `ds-train CONFIG [key=value ...]` is short for `ds-train train ...`.",
+        "distillation, DP-SGD. `ds-train CONFIG [key=value ...]` is short for `ds-train train ...`. "
+        "The config's `task:` picks what is trained: lm (default) or a task plugin (entry-point group "
+        "ds_trainer.tasks), with its `task_options:`.",
         formatter_class=fmt,
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,11 +101,16 @@ def run(argv: list[str]) -> int:
         if args.rdzv_endpoint is not None:
             changes["distributed.rdzv_endpoint"] = args.rdzv_endpoint
     if changes:
+        changes_flags = {k.removeprefix("distributed.") for k in changes}
         try:
             cfg = cfg.replace(**changes)
         except TrainerError as e:
-            flag = str(e).split(":", 1)[0].replace("distributed.", "--").replace("_", "-")
-            raise TrainerError(f"{flag}: {str(e).split(':', 1)[1].strip()}") from None
+            key, _, rest = str(e).partition(":")
+            if key.startswith("distributed.") and key.removeprefix("distributed.") in changes_flags:
+                raise TrainerError(
+                    f"--{key.removeprefix('distributed.').replace('_', '-')}: {rest.strip()}"
+                ) from None
+            raise
     result = DistributedTrainer(cfg).train()
     import torch.distributed as dist
 

@@ -327,9 +327,22 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    # What is trained: "lm" (a ds-models language model on a ds-data corpus) or a task plugin
+    # (entry-point group "ds_trainer.tasks", ds_trainer.register_task, or "module:Class").
+    task: str = "lm"
+    task_options: dict = field(default_factory=dict)  # validated by the task; errors name task_options.<key>
 
     def __post_init__(self) -> None:
         _check_positive("", "stop_after_steps", self.stop_after_steps, allow_zero=True)
+        if not self.task:
+            raise TrainerError("task: expected a task name such as lm")
+        if self.task != "lm":
+            for key, on in (("lora.enabled", self.lora.enabled), ("distill.teacher", bool(self.distill.teacher)),
+                            ("dp.enabled", self.dp.enabled)):  # fmt: skip
+                if on:
+                    raise TrainerError(f"{key}: only for task lm (task {self.task} trains its own model)")
+        if self.dp.enabled and self.distributed.strategy == "fsdp":
+            raise TrainerError("distributed.strategy: DP-SGD runs with ddp (opacus' DPDDP), not fsdp")
         if self.dp.enabled and self.lora.enabled:
             raise TrainerError("dp.enabled: DP-SGD together with lora.enabled is not supported; pick one")
         if self.dp.enabled and self.data.grad_accum_steps != 1:
@@ -391,8 +404,13 @@ class TrainConfig:
         return TrainConfig.from_dict(data, source="replace")
 
     # Keys that may change between a run and its resume: they do not alter the training trajectory.
+    # How the global batch is split (micro-batch x accumulation x processes) may change too, so that a
+    # checkpoint written by N processes resumes on M (resharding, elastic restarts); the data position
+    # is kept in sequences and the run logs when the global batch itself changed.
     RESUME_FREE = (
         "output_dir",
+        "data.micro_batch_size",
+        "data.grad_accum_steps",
         "stop_after_steps",
         "checkpoint",
         "logging",

@@ -1,6 +1,9 @@
 """Training metrics: a JSONL log, TensorBoard, and a Prometheus endpoint per node.
 
-Every record carries step, loss, lr, grad norm, tokens/s and memory. The JSONL log and TensorBoard
+Every record carries step, loss, lr, grad norm, tokens/s (examples/s for task plugins), memory and
+the named loss terms of the step (a task's "loss/text_image", "ce" when distilling): JSONL keys,
+TensorBoard scalars ``train/<name>``, and on Prometheus one gauge ``ds_train_term{name="..."}``
+since the names are the task's. The JSONL log and TensorBoard
 are written by the main process only; the Prometheus endpoint is served by the first process of
 each node (local rank 0) so that a scraper sees every node, each reporting its own device memory.
 """
@@ -23,9 +26,11 @@ PROM_GAUGES = {
     "loss": "Training loss (mean over the target tokens of the last optimizer step)",
     "lr": "Learning rate",
     "grad_norm": "Global gradient norm before clipping",
-    "tokens_per_second": "Training throughput over all processes",
+    "tokens_per_second": "Training throughput over all processes (task lm)",
+    "examples_per_second": "Training throughput over all processes (task plugins)",
     "eval_loss": "Last evaluation loss",
 }
+_NOT_TERMS = {"epoch", "memory_peak_bytes"}
 
 
 def memory_bytes(device: torch.device) -> dict[str, int]:
@@ -85,6 +90,11 @@ class MetricsLogger:
             for name, doc in PROM_GAUGES.items()
         }
         self._gauges["eval_loss"].set(float("nan"))  # no evaluation yet
+        # Named loss terms and other metrics of a task ("loss/text_image", "ce", "eval_recall@1"):
+        # one gauge with the name as a label, since the names are the task's.
+        self._terms = prometheus_client.Gauge(
+            "ds_train_term", "A named loss term or metric of the task", ["name"], registry=self.registry
+        )
         self._memory = prometheus_client.Gauge(
             "ds_train_memory_bytes", "Memory of this node's first process", ["kind"], registry=self.registry
         )
@@ -114,8 +124,12 @@ class MetricsLogger:
         if self._server is not None:
             self._gauges["step"].set(step)
             for k, v in record.items():
-                if k in self._gauges and k != "step" and isinstance(v, (int, float)):
+                if k == "step" or not isinstance(v, (int, float)) or k in _NOT_TERMS:
+                    continue
+                if k in self._gauges:
                     self._gauges[k].set(v)
+                else:
+                    self._terms.labels(name=k).set(v)
             for kind, value in mem.items():
                 self._memory.labels(kind=kind).set(value)
         return record

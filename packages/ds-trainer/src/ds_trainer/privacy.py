@@ -33,7 +33,7 @@ class _Rows(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.as_tensor(self.dataset[i]["input_ids"]).long()
+        return torch.as_tensor(self.dataset[int(i)]["input_ids"]).long()  # opacus may pass 0-d tensors
 
 
 def make_private(
@@ -45,12 +45,22 @@ def make_private(
     config: DPConfig,
     seed: int,
 ):
-    """Wrap model, optimizer and a data loader for DP-SGD; returns (model, optimizer, loader, engine)."""
+    """Wrap model, optimizer and a data loader for DP-SGD; returns (model, optimizer, loader, engine).
+
+    ``batch_size`` is the expected *global* batch. In a process group the model goes through opacus'
+    DPDDP (weights broadcast from rank 0), the optimizer becomes its DistributedDPOptimizer (clipped
+    per-sample gradients summed over all processes, noise added once, on rank 0) and Poisson
+    batches come from its distributed sampler (each process samples its shard of the data at the
+    global sample rate), so a step is the same DP-SGD step as in one process at the same batch."""
     try:
         from opacus import PrivacyEngine
         from opacus.accountants.utils import get_noise_multiplier
     except ImportError:
         raise TrainerError("dp.enabled: needs opacus (pip install 'ds-trainer[dp]')") from None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+
+        model = DPDDP(model)
     rows = _Rows(dataset)
     loader = torch.utils.data.DataLoader(
         rows, batch_size=batch_size, shuffle=False, generator=torch.Generator().manual_seed(seed)
