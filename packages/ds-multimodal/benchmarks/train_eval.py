@@ -30,18 +30,24 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="TrainConfig key=value overrides")
     args = ap.parse_args()
     cfg = TrainConfig(**parse_overrides(args.overrides))
+    torch.set_num_threads(cfg.num_threads)  # train() does this itself; here for the evaluation too
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     model, history = train(cfg, progress=False)
     results = evaluate(model, load_digits_multimodal("test", seed=cfg.seed, cache_dir=cfg.cache_dir or None))
+    load_after = os.getloadavg()
     out = Path(args.out)
     model.save_pretrained(out / "model", provenance={"command": "benchmarks/train_eval.py"})
     record = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
         f"{torch.get_num_threads()}",
+        "load_average_1_5_15_min_before": load_before,
+        "load_average_1_5_15_min_after": load_after,
         "config": cfg.to_dict(),
         "train_seconds": history["train_seconds"],
         "calibration_seconds": history["calibration_seconds"],
+        "calibration_report": history["calibration"],
         "total_seconds": time.perf_counter() - t0,
         "final_loss": history["loss"][-1],
         "results": results,

@@ -21,3 +21,13 @@ def calib_split(tmp_path_factory):
 def tiny_model(tiny_encoder_config, calib_split):
     torch.manual_seed(0)
     return MultimodalAligner(AlignerConfig(encoder=tiny_encoder_config, audio=calib_split.audio is not None))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The models here are tiny: one intra-op thread is faster, and far faster on a busy CPU (see
+    TrainConfig.num_threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -66,12 +66,22 @@ class DigitsDataset:
     captions: list[str]
     labels: torch.Tensor  # (N,) long, the digit
     images: torch.Tensor  # (N, 1, 16, 16) float in [0, 1]
-    videos: torch.Tensor  # (N, 8, 1, 16, 16)
+    videos: torch.Tensor  # (N, 4, 1, 16, 16)
     audio: torch.Tensor | None  # (N, 16000) float waveform at 16 kHz, None when unavailable
     audio_reason: str
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    def __getitem__(self, i: int) -> dict:
+        """Item i as a dict (a map-style dataset for ds-trainer): caption, label, image, video, audio."""
+        return {
+            "caption": self.captions[i],
+            "label": int(self.labels[i]),
+            "image": self.images[i],
+            "video": self.videos[i],
+            "audio": None if self.audio is None else self.audio[i],
+        }
 
     def subset(self, idx: torch.Tensor | list[int]) -> DigitsDataset:
         idx = torch.as_tensor(idx, dtype=torch.long)

@@ -121,9 +121,11 @@ class TextEncoder(nn.Module):
         )  # fmt: skip
         self.head = ProjectionHead(cfg.hidden_dim, cfg.embed_dim)
 
-    def forward(self, texts: list[str]):
+    def forward(self, texts: list[str] | tuple[torch.Tensor, torch.Tensor]):
+        """texts: a list of strings, or already tokenized `(ids (B, T), mask (B, T))` as `tokenize` gives."""
         device = self.head.proj.weight.device
-        ids, mask = tokenize(texts, self.cfg.max_text_len)
+        pretokenized = isinstance(texts, tuple) and all(isinstance(t, torch.Tensor) for t in texts)
+        ids, mask = texts if pretokenized else tokenize(texts, self.cfg.max_text_len)
         ids, mask = ids.to(device), mask.to(device)
         h = self.backbone.hidden(ids, attention_mask=mask)  # (B, T, hidden)
         return _pool_and_project(h, mask, self.head)

@@ -70,6 +70,9 @@ class MultimodalAligner(nn.Module):
         self.audio = (audio_encoder or AudioEncoder(cfg)) if self.config.audio else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.calibration = CrossModalCalibration(cfg.embed_dim, cfg.n_heads)
+        # Fitted after training by fit_calibration (which switches its gradients on for itself); frozen
+        # here so that training loops (and DDP) see only parameters the loss reaches.
+        self.calibration.requires_grad_(False)
 
     def encode(self, modality: str, value, sample_rate: int = SAMPLE_RATE):
         """(embedding (B, E), tokens (B, N, E), mask (B, N)) for one modality."""
@@ -88,6 +91,24 @@ class MultimodalAligner(nn.Module):
         if not given:
             raise DsMultimodalError("embed: give at least one of text=, image=, video=, audio=")
         return {m: self.encode(m, v, sample_rate)[0] for m, v in given.items()}
+
+    def forward(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """A training batch -> (normalised embeddings {modality: (B, E)}, logit scale).
+
+        batch keys (any subset of at least two modalities): text_ids / text_mask (B, T) as
+        `encoders.tokenize` makes them, image (B, 1, 16, 16), video (B, F, 1, 16, 16), audio (B, S) at
+        16 kHz; missing or None modalities are skipped. Going through forward (not `encode`) keeps a
+        DDP-wrapped model's gradient hooks in the loop.
+        """
+        emb = {}
+        if batch.get("text_ids") is not None:
+            emb["text"] = self.text((batch["text_ids"], batch["text_mask"]))[0]
+        for m in ("image", "video", "audio"):
+            if batch.get(m) is not None:
+                emb[m] = self.encode(m, batch[m])[0]
+        # CLIP caps 1/temperature at 100; clamping here (not after the optimizer step) keeps the cap
+        # whatever loop drives the training
+        return emb, self.logit_scale.clamp(0.0, math.log(100.0))
 
     # ---- checkpoints ----
 

@@ -5,17 +5,23 @@ For a query from modality x (item i, digit d) against the gallery of all test it
 Recall@k = 1 if any of the k highest-scoring gallery items shows digit d. For text -> y the queries
 are the test items' own captions (four templates per digit), so text -> y Recall@1 is the share of
 captions whose best match has the right digit. Zero-shot classification is the stricter per-item
-measure: item -> the 10 class captions ("the digit seven"), accuracy of the argmax. ECE is computed
-on the softmax of those zero-shot scores (15 equal-width bins).
+measure: item -> the 10 class captions ("the digit seven"), accuracy of the argmax.
+
+Calibration is measured on retrieval probabilities: a query's softmax over the gallery, summed per
+digit (`calibration.class_probs`), gives the probability that the retrieved item shows each digit;
+ECE (15 equal-width bins) compares the top digit's probability with how often it is right. For
+zero-shot the gallery is the 10 class captions, one per digit, so this is the plain softmax.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
 
+from ds_multimodal.calibration import class_probs
 from ds_multimodal.data import CLASS_CAPTIONS, DigitsDataset
 from ds_multimodal.model import MultimodalAligner
 
@@ -69,52 +75,59 @@ def encode_all(model: MultimodalAligner, data: DigitsDataset, batch_size: int = 
 
 
 @torch.no_grad()
-def calibrated_text_scores(model, modality, x, text, chunk: int = 16) -> torch.Tensor:
-    """(N_x, N_text) calibrated logits, computed in chunks of items to bound memory."""
+def calibrated_text_cosine(model, modality, x, text, chunk: int = 16) -> torch.Tensor:
+    """(N_x, N_text) cosines after the calibration's gated cross-attention, in chunks of items."""
     rows = [
-        model.calibration.text_logits(modality, x[0][i : i + chunk], x[1][i : i + chunk], *text)
+        model.calibration.text_cosine(modality, x[0][i : i + chunk], x[1][i : i + chunk], *text)
         for i in range(0, x[0].shape[0], chunk)
     ]
     return torch.cat(rows)
 
 
+def _scores(logits: torch.Tensor, query_labels, gallery_labels) -> dict:
+    probs = class_probs(logits, gallery_labels)
+    return {
+        "R@1": recall_at_k(logits, query_labels, gallery_labels, 1),
+        "R@5": recall_at_k(logits, query_labels, gallery_labels, 5),
+        "ECE": expected_calibration_error(probs, query_labels),
+    }
+
+
 @torch.no_grad()
 def evaluate(model: MultimodalAligner, data: DigitsDataset) -> dict:
-    """Recall@1/5 per ordered modality pair and zero-shot accuracy/ECE, calibration off and on."""
+    """Per ordered modality pair and for zero-shot classification: Recall@1/5 and the ECE of the
+    retrieval digit probabilities, with the calibration off (trained scale) and on."""
+    model.eval()
     enc = encode_all(model, data)
-    labels = data.labels
-    scale = model.logit_scale.exp()
+    labels = data.labels.to(enc["text"][0].device)
+    base = model.logit_scale.clamp(0.0, math.log(100.0))
+    cal = model.calibration
     results: dict = {
         "retrieval": {},
         "zero_shot": {},
         "n_items": len(data),
         "audio_reason": data.audio_reason,
     }
-    on_cache: dict[str, torch.Tensor] = {}
+    text_cos = {m: calibrated_text_cosine(model, m, enc[m], enc["text"]) for m in enc if m != "text"}
     for q in enc:
         for g in enc:
             if q == g:
                 continue
-            off = enc[q][0] @ enc[g][0].T
+            off = base.exp() * enc[q][0] @ enc[g][0].T  # (Nq, Ng)
             if "text" in (q, g):
                 other = g if q == "text" else q
-                if other not in on_cache:
-                    on_cache[other] = calibrated_text_scores(model, other, enc[other], enc["text"])
-                on = on_cache[other] if q == other else on_cache[other].T
+                cos = text_cos[other] if q == other else text_cos[other].T
+                on = cal.scale(q, g, base) * cos
             else:
-                on = model.calibration.pair_logits(q, g, enc[q][0], enc[g][0])
-            results["retrieval"][f"{q}->{g}"] = {
-                "R@1": recall_at_k(off, labels, labels, 1),
-                "R@5": recall_at_k(off, labels, labels, 5),
-                "R@1 cal": recall_at_k(on, labels, labels, 1),
-                "R@5 cal": recall_at_k(on, labels, labels, 5),
-            }
+                on = cal.pair_logits(q, g, enc[q][0], enc[g][0], base)
+            r_off, r_on = _scores(off, labels, labels), _scores(on, labels, labels)
+            results["retrieval"][f"{q}->{g}"] = {**r_off, **{f"{k} cal": v for k, v in r_on.items()}}
     cls = model.encode("text", list(CLASS_CAPTIONS))
     for m in enc:
         if m == "text":
             continue
-        off = scale * enc[m][0] @ cls[0].T  # (N, 10)
-        on = calibrated_text_scores(model, m, enc[m], cls)
+        off = base.exp() * enc[m][0] @ cls[0].T  # (N, 10)
+        on = cal.scale(m, "text", base) * calibrated_text_cosine(model, m, enc[m], cls)
         results["zero_shot"][m] = {
             "acc": float((off.argmax(1) == labels).float().mean()),
             "ECE": expected_calibration_error(off.softmax(1), labels),
@@ -127,14 +140,19 @@ def evaluate(model: MultimodalAligner, data: DigitsDataset) -> dict:
 def format_table(results: dict) -> str:
     """Plain-text tables (Markdown pipes) of `evaluate`'s results."""
     lines = [
-        f"retrieval on {results['n_items']} test items (class-level Recall@k; 'cal' = CrossModalCalibration on)",
-        "| query -> gallery | R@1 | R@5 | R@1 cal | R@5 cal |",
-        "|---|---|---|---|---|",
+        f"retrieval on {results['n_items']} test items (class-level Recall@k; ECE of the retrieval digit "
+        "probabilities, 15 bins; 'cal' = CrossModalCalibration on)",
+        "| query -> gallery | R@1 | R@5 | ECE | R@1 cal | R@5 cal | ECE cal |",
+        "|---|---|---|---|---|---|---|",
     ]
     for pair, r in results["retrieval"].items():
         lines.append(
-            f"| {pair} | {r['R@1']:.3f} | {r['R@5']:.3f} | {r['R@1 cal']:.3f} | {r['R@5 cal']:.3f} |"
+            f"| {pair} | {r['R@1']:.3f} | {r['R@5']:.3f} | {r['ECE']:.3f} "
+            f"| {r['R@1 cal']:.3f} | {r['R@5 cal']:.3f} | {r['ECE cal']:.3f} |"
         )
+    n = len(results["retrieval"])
+    mean = {k: sum(r[k] for r in results["retrieval"].values()) / n for k in ("ECE", "ECE cal")}
+    lines.append(f"| mean over {n} pairs | | | {mean['ECE']:.3f} | | | {mean['ECE cal']:.3f} |")
     lines += [
         "",
         "zero-shot classification by the 10 class captions (ECE: 15 bins, lower is better)",
