@@ -5,7 +5,8 @@ the int4 GPTQ model exported to ONNX and run in onnxruntime (accuracy_level 4, t
 path, and 0, float activations), on held-out text. Targets (issue 7): int4 with the calibrated method within +3% perplexity
 of float32 and >= 98% of its next-token accuracy.
 
-    python bench_accuracy.py eval --model DIR --text heldout.txt --calib train.txt --json out.json
+    python bench_accuracy.py eval --model DIR --text heldout.txt --calib train.txt --json out.json \
+        [--device cuda] [--variants '{"act-order": {"act_order": true}}']
 
 Until ds-trainer provides a trained ds-small, two more steps make one. ds-data's built-in corpus
 (100k tokens) is too small to train ds-small on, so `corpus` writes a larger one from the Python
@@ -34,9 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from ds_models import ModelConfig, Transformer, load_tokenizer
-from ds_quant import QuantConfig, export_directory, quantize, save_quantized
+from ds_quant import QuantConfig, export_directory, quantize, save_quantized, set_backend
 from ds_quant.calibration import read_texts, token_stream, windows
-from ds_quant.evaluate import evaluate_onnx, evaluate_torch
+from ds_quant.evaluate import evaluate_logits, evaluate_onnx, model_weight_bytes
 
 SEQ_LEN = 256
 
@@ -107,50 +108,71 @@ def train(corpus: Path, out: Path, seconds: float, batch: int, device: str, seed
     return info
 
 
-def evaluate(model_dir: Path, text: str, calib: str, max_windows: int) -> dict:
+def _documents(source: str) -> list[str]:
+    """A .txt file as ONE document (this benchmark's corpus joins whole source files with EOS, as
+    the model was trained), anything else as ds-quant reads it."""
+    return [Path(source).read_text(encoding="utf-8")] if source.endswith(".txt") else read_texts(source)
+
+
+def evaluate(
+    model_dir: Path,
+    text: str,
+    calib: str,
+    max_windows: int,
+    device: str = "cpu",
+    variants: dict | None = None,
+) -> dict:
     tok = load_tokenizer(model_dir)
     base = Transformer.from_pretrained(model_dir, dtype=torch.float32).eval()
-    held_out = windows(
-        token_stream(read_texts(text, flag="--text"), tok), SEQ_LEN, max_windows, flag="--text"
-    )
-    gptq_cfg = QuantConfig(bits=4, group_size=128, method="gptq", calib=calib)
-    g = gptq_cfg.gptq
-    calib_ids = windows(token_stream(read_texts(calib), tok), g.seq_len, g.n_samples, seed=g.seed)
+    held_out = windows(token_stream(_documents(text), tok), SEQ_LEN, max_windows, flag="--text")
+    calib_stream = token_stream(_documents(calib), tok)
 
-    rows = [evaluate_torch("float32", base, held_out)]
-    variants = [
-        ("int8 rtn", QuantConfig(bits=8, group_size=128), None),
-        ("int4 rtn", QuantConfig(bits=4, group_size=128), None),
-        ("int4 gptq", gptq_cfg, calib_ids),
-        (
-            "int4 gptq, embed/lm_head int8",
-            QuantConfig(**{**gptq_cfg.to_dict(), "overrides": {"lm_head": 8}}),
-            calib_ids,
-        ),
-    ]
-    kept = {}
-    for name, cfg, cal in variants:
-        t = time.time()
-        kept[name] = quantize(copy.deepcopy(base), config=cfg, calibration=cal)
-        rows.append(evaluate_torch(name, kept[name], held_out))
-        print(f"{name}: quantize + eval {time.time() - t:.0f}s", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_quantized(kept["int4 gptq"], Path(tmp) / "q", tokenizer=model_dir / "tokenizer.json")
-        for level in (4, 0):  # 4: int8 activations (the CPU default), 0: float activations
-            out = Path(tmp) / f"onnx-{level}"
-            export_directory(Path(tmp) / "q", out, accuracy_level=level)
-            rows.append(
-                evaluate_onnx(f"int4 gptq, ONNX in onnxruntime (accuracy_level {level})", out, held_out)
+    def calib_ids(cfg: QuantConfig) -> torch.Tensor:
+        g = cfg.gptq
+        return windows(calib_stream, g.seq_len, g.n_samples, seed=g.seed).to(device)
+
+    def on_device(name: str, model) -> object:
+        model = model.to(device).eval()
+        with set_backend("cached"):  # exact float32 matmuls of the dequantized weights
+            return evaluate_logits(
+                name, lambda b: model(b.to(device)).cpu(), held_out, 8, model_weight_bytes(model)
             )
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on a GPU too
+    gptq_cfg = QuantConfig(bits=4, group_size=128, method="gptq", calib=calib)
+    rows = [on_device("float32", copy.deepcopy(base))]
+    configs = [
+        ("int8 rtn", QuantConfig(bits=8, group_size=128)),
+        ("int4 rtn", QuantConfig(bits=4, group_size=128)),
+        ("int4 gptq", gptq_cfg),
+        ("int4 gptq, embed/lm_head int8", QuantConfig(**{**gptq_cfg.to_dict(), "overrides": {"lm_head": 8}})),
+    ]
+    for name, options in (variants or {}).items():
+        configs.append((f"int4 gptq, {name}", QuantConfig(**{**gptq_cfg.to_dict(), "gptq": options})))
+    kept = {}
+    for name, cfg in configs:
+        t = time.time()
+        cal = calib_ids(cfg) if cfg.method == "gptq" else None
+        kept[name] = quantize(copy.deepcopy(base).to(device), config=cfg, calibration=cal).to("cpu")
+        rows.append(on_device(name, copy.deepcopy(kept[name])))
+        print(f"{name}: quantize + eval {time.time() - t:.0f}s; ppl {rows[-1].perplexity:.3f}", flush=True)
+    onnx_runs = [("int4 gptq", 4), ("int4 gptq", 0)] + [(n, 4) for n, _ in configs[4:]]
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, level) in enumerate(onnx_runs):  # 4: int8 activations (the CPU default), 0: float
+            q, out = Path(tmp) / f"q{i}", Path(tmp) / f"onnx-{i}"
+            save_quantized(kept[name], q, tokenizer=model_dir / "tokenizer.json")
+            export_directory(q, out, accuracy_level=level)
+            rows.append(evaluate_onnx(f"{name} → ONNX, onnxruntime (accuracy_level {level})", out, held_out))
+            print(f"{rows[-1].name}: ppl {rows[-1].perplexity:.3f}", flush=True)
     ref = rows[0]
-    result = {"model": str(model_dir), "held_out_tokens": ref.tokens, "rows": []}
-    print(f"\n{'model':50s} {'MB':>7s} {'ppl':>8s} {'Δppl':>8s} {'acc':>7s} {'acc/fp32':>8s}")
+    result = {"model": str(model_dir), "held_out_tokens": ref.tokens, "device": device, "rows": []}
+    print(f"\n{'model':60s} {'MB':>7s} {'ppl':>8s} {'Δppl':>8s} {'acc':>7s} {'acc/fp32':>8s}")
     for r in rows:
         d = {"name": r.name, "weight_MB": (r.weight_bytes or 0) / 1e6, "perplexity": r.perplexity,
              "ppl_vs_fp32": r.perplexity / ref.perplexity - 1, "accuracy": r.accuracy,
              "acc_vs_fp32": r.accuracy / ref.accuracy}  # fmt: skip
         result["rows"].append(d)
-        print(f"{r.name:50s} {d['weight_MB']:7.2f} {r.perplexity:8.3f} {100 * d['ppl_vs_fp32']:+7.2f}% "
+        print(f"{r.name:60s} {d['weight_MB']:7.2f} {r.perplexity:8.3f} {100 * d['ppl_vs_fp32']:+7.2f}% "
               f"{100 * r.accuracy:6.2f}% {100 * d['acc_vs_fp32']:7.2f}%")  # fmt: skip
     return result
 
@@ -171,6 +193,8 @@ def main() -> None:
     p.add_argument("--text", required=True, help="held-out text (.txt/.jsonl or builtin:validation)")
     p.add_argument("--calib", required=True, help="GPTQ calibration text")
     p.add_argument("--max-windows", type=int, default=128)
+    p.add_argument("--device", default="cpu", help="where PyTorch quantizes and evaluates (ONNX: CPU)")
+    p.add_argument("--variants", default="{}", help='extra GPTQ rows: JSON {"name": {gptq field: value}}')
     p.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.cmd == "corpus":
@@ -178,7 +202,8 @@ def main() -> None:
     elif args.cmd == "train":
         train(Path(args.corpus), Path(args.out), args.seconds, args.batch, args.device)
     else:
-        result = evaluate(Path(args.model), args.text, args.calib, args.max_windows)
+        result = evaluate(Path(args.model), args.text, args.calib, args.max_windows, args.device,
+                          json.loads(args.variants))  # fmt: skip
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -99,3 +99,68 @@ def test_quant_gptq_lm_head_reduces_logit_error(make_tiny):
         e_gptq = ((head_gptq(calib) - ref) ** 2).mean()
         e_rtn = ((head_rtn(calib) - ref) ** 2).mean()
     assert e_gptq < e_rtn, (e_gptq, e_rtn)
+
+
+@pytest.mark.parametrize(
+    "options", [{"act_order": True}, {"clip_search": True}, {"act_order": True, "clip_search": True}]
+)
+def test_quant_gptq_options_beat_rtn_and_stay_matmulnbits_data(options):
+    k = 256
+    x = _correlated_inputs(2048, k, seed=3)
+    x[:, :16] *= 10  # a few loud inputs: act-order visits those columns first
+    w = torch.randn(64, k, generator=torch.Generator().manual_seed(1)) * 0.05
+    h = 2 * x.T @ x / x.shape[0]
+    ref = x @ w.T
+
+    def err(p):
+        return ((x @ dequantize_weight(p).T - ref) ** 2).mean().item()
+
+    plain = gptq_weight(w, h, bits=4, block_size=32, sym=True)
+    got = gptq_weight(w, h, bits=4, block_size=32, sym=True, **options)
+    assert got.qweight.shape == plain.qweight.shape and got.scales.shape == plain.scales.shape
+    assert not torch.equal(got.qweight, plain.qweight)  # the option changed the result
+    assert err(got) < 0.5 * err(quantize_weight(w, 4, 32, True)), options
+    if options.get("act_order"):
+        # Static groups: each group's scale comes from the original weights, as round-to-nearest's.
+        rtn_scales = quantize_weight(w, 4, 32, True, clip_search=options.get("clip_search", False)).scales
+        torch.testing.assert_close(got.scales, rtn_scales)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_quant_clip_search_never_worse_per_group(sym):
+    from ds_quant.packing import CLIP_NORM, dequantize_codes, group_params, quantize_codes
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 8, 32, generator=gen) * torch.rand(64, 8, 1, generator=gen)
+    w[:, :, 0] *= 6  # an outlier per group: clipping it helps every other value
+
+    def group_err(clip):
+        s, z = group_params(w, 4, sym, clip_search=clip)
+        deq = dequantize_codes(quantize_codes(w, s[..., None], z[..., None], 4), s[..., None], z[..., None])
+        return (deq - w).abs().pow(CLIP_NORM).sum(-1)
+
+    plain, clipped = group_err(False), group_err(True)
+    assert (clipped <= plain + 1e-6).all()
+    assert clipped.sum() < 0.97 * plain.sum()  # and strictly better overall
+
+
+def test_quant_gptq_true_sequential_whole_model(make_tiny):
+    model = make_tiny(scale=1.0)
+    gen = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, 512, (16, 64), generator=gen)
+    held_out = torch.randint(0, 512, (8, 64), generator=gen)
+    with torch.no_grad():
+        ref = model(held_out)
+    cfg = dict(bits=4, group_size=32, overrides={"lm_head": "float"})
+    seq = GPTQConfig(batch_size=4, true_sequential=True, act_order=True, clip_search=True)
+    rtn = quantize(copy.deepcopy(model), config=QuantConfig(**cfg))
+    q = quantize(copy.deepcopy(model), config=QuantConfig(**cfg, method="gptq", gptq=seq), calibration=calib)
+    plain = quantize(copy.deepcopy(model), config=QuantConfig(**cfg, method="gptq", gptq=GPTQConfig(batch_size=4)),
+                     calibration=calib)  # fmt: skip
+    assert not torch.equal(q.layers[1].mlp.down_proj.qweight, plain.layers[1].mlp.down_proj.qweight)
+    with torch.no_grad(), set_backend("reference"):
+        e_rtn = ((rtn(held_out) - ref) ** 2).mean()
+        e_q = ((q(held_out) - ref) ** 2).mean()
+    assert e_q < e_rtn, (e_q, e_rtn)
+    with pytest.raises(DsQuantError, match=r"gptq.act_order: expected true or false"):
+        GPTQConfig(act_order="yes")

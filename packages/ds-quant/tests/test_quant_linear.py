@@ -131,3 +131,65 @@ def test_quant_linear_int4pack_cuda_matches_reference():
     with set_backend("int4pack"):
         got = m(x.bfloat16()).float()
     assert ((got - ref).abs().max() / ref.abs().max()) < 2e-2
+
+
+def test_quant_linear_prepares_int4pack_eagerly_on_move_and_load():
+    m = _layer(4, False)
+    assert m.int4_weight is None  # float32 on CPU: auto runs the exact cached path, nothing to build
+    m = m.to(torch.bfloat16)  # a bf16 model: auto will take int4pack, so .to() builds it now
+    assert m.int4_weight is not None and m.int4_scale_offset.dtype == torch.bfloat16
+    built = m.int4_weight
+    other = _layer(4, False, seed=1).to(torch.bfloat16)
+    m.load_state_dict(other.state_dict())  # new codes: rebuilt at load, not at the next forward
+    assert m.int4_weight is not built and torch.equal(m.int4_weight, other.int4_weight)
+    assert "int4_weight" not in m.state_dict()  # derived, never saved
+    with set_backend("reference"):
+        assert m.to(torch.float32).to(torch.bfloat16).int4_weight is None  # a forced backend: no build
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quant_linear_compiles_without_graph_breaks(dtype):
+    """torch.compile(fullgraph=True) traces forward: prepared int4pack weights (bf16) or the
+    in-graph dequantization (fp32), never the eager cache keys (data_ptr / _version)."""
+    torch._dynamo.reset()
+    m = _layer(4, True).to(dtype)
+    x = torch.randn(2, 512, dtype=dtype)
+    eager = m(x)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), eager, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-3)
+
+
+def test_quant_model_forward_compiles_without_graph_breaks(make_tiny):
+    from ds_quant import quantize
+
+    torch._dynamo.reset()
+    model = quantize(make_tiny(scale=1.0), 4, 32)  # QuantEmbedding (tied) + QuantLinear everywhere
+    x = torch.randint(0, 512, (1, 6))
+    with torch.no_grad():
+        ref = model(x)
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for the int4 GPU kernel")
+def test_quant_linear_cuda_compiled_int4pack():
+    torch._dynamo.reset()
+    m = _layer(4, False).cuda()
+    assert m.int4_weight is not None and m.int4_weight.is_cuda  # built by .cuda(), not by forward
+    x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
+    eager = m(x)
+    got = torch.compile(m, fullgraph=True, mode="reduce-overhead")(x)
+    torch.testing.assert_close(got, eager, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for CUDA graphs")
+def test_quant_model_decodes_in_cuda_graph_and_compiled_on_cuda(make_tiny):
+    from ds_models import generate
+    from ds_quant import quantize
+
+    torch._dynamo.reset()
+    model = quantize(make_tiny(), 4, 32).cuda()  # tied QuantEmbedding: rows gathered inside the graph
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]
+    eager = generate(model, prompts, max_new_tokens=12, mode="eager")
+    assert generate(model, prompts, max_new_tokens=12, mode="cuda-graph") == eager
+    assert generate(model, prompts, max_new_tokens=12, mode="compile") == eager

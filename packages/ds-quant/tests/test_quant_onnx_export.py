@@ -102,6 +102,8 @@ def test_quant_export_metadata_is_self_contained(tmp_path, tiny_dir):
     assert json.loads(meta["ds.quant"])["bits"] == 4
     assert json.loads(meta["ds.export"])["bits"] == 4
     assert json.loads(meta["ds.tokenizer"]) == json.loads((tiny_dir / "tokenizer.json").read_text())
+    assert "\n" not in meta["ds.tokenizer"]  # stored compact: it is a visible share of a small int4 file
+    assert (out / "tokenizer.json").read_text() == (tiny_dir / "tokenizer.json").read_text()
     prov = json.loads(meta["ds.provenance"])
     assert prov["export"]["command"] == "ds-quant export ..." and "packages" in prov
     om = OnnxModel(out)

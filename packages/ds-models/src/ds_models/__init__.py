@@ -3,8 +3,8 @@
 from ds_models.__about__ import __version__
 from ds_models.checkpoint import load_tokenizer, write_provenance
 from ds_models.config import REGISTRY, ModelConfig, ModelError
-from ds_models.generate import generate
-from ds_models.model import KVCache, Transformer
+from ds_models.generate import generate, sample
+from ds_models.model import KVCache, Transformer, apply_rope, rope_cos_sin
 
 __all__ = [
     "REGISTRY",
@@ -13,7 +13,10 @@ __all__ = [
     "ModelError",
     "Transformer",
     "__version__",
+    "apply_rope",
     "generate",
     "load_tokenizer",
+    "rope_cos_sin",
+    "sample",
     "write_provenance",
 ]

@@ -1,15 +1,16 @@
 """Text for calibration (GPTQ) and evaluation, tokenized into fixed-length windows.
 
-A source is a path to a ``.txt`` file (read whole) or a ``.jsonl`` file (the ``text`` field of each
-line), or ``builtin`` / ``builtin:train`` / ``builtin:validation``: ds-data's built-in corpus, which
-needs the optional extra ``pip install 'ds-quant[calib]'`` (ds-quant itself depends on ds-models
-only). ``builtin`` alone means the train split for calibration and the validation split for eval.
+Reading text is ds-data's job, so a source is whatever ds-data reads: a ``.txt`` file (its
+paragraphs are the documents, as ds-data packs training text) or a ``.jsonl`` file (the ``text``
+field of each line), or ``builtin`` / ``builtin:train`` / ``builtin:validation``, ds-data's
+built-in corpus. ds-quant itself depends on ds-models only; reading text needs the optional
+extra ``pip install 'ds-quant[calib]'`` (imported here lazily, with an error naming the extra).
+``builtin`` alone means the train split for calibration and the validation split for eval.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -18,37 +19,30 @@ from ds_quant.errors import DsQuantError
 EOS = "<|endoftext|>"
 
 
+def _ds_data(flag: str) -> ModuleType:
+    try:
+        import ds_data
+        import ds_data.corpus
+    except ImportError:
+        raise DsQuantError(
+            f"{flag}: reading calibration / evaluation text needs ds-data: pip install 'ds-quant[calib]'"
+        ) from None
+    return ds_data
+
+
 def read_texts(source: str, *, flag: str = "--calib", default_split: str = "train") -> list[str]:
-    """Documents of a text source (see the module docstring)."""
-    if source == "builtin" or source.startswith("builtin:"):
-        split = source.partition(":")[2] or default_split
-        try:
-            import ds_data
-        except ImportError:
-            raise DsQuantError(
-                f"{flag}: builtin: needs ds-data (pip install 'ds-quant[calib]'), or pass a .txt/.jsonl file"
-            ) from None
-        corpus = ds_data.load_corpus("builtin")
-        if split not in corpus:
-            raise DsQuantError(f"{flag}: {source}: unknown split; expected one of {', '.join(corpus)}")
-        return list(corpus[split]["text"])
-    path = Path(source)
-    if not path.is_file():
-        raise DsQuantError(f"{flag}: {source}: file not found (expected a .txt or .jsonl file, or 'builtin')")
-    if path.suffix == ".jsonl":
-        docs = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DsQuantError(f"{path}:{lineno}: malformed JSON: {e.msg}") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise DsQuantError(f"{path}:{lineno}: text: expected an object with a string 'text'")
-            docs.append(obj["text"])
-        return docs
-    return [path.read_text(encoding="utf-8")]
+    """Documents of a text source (see the module docstring), read by ds-data."""
+    ds_data = _ds_data(flag)
+    try:
+        if source == "builtin" or source.startswith("builtin:"):
+            split = source.partition(":")[2] or default_split
+            corpus = ds_data.load_corpus("builtin")
+            if split not in corpus:
+                raise DsQuantError(f"{flag}: {source}: unknown split; expected one of {', '.join(corpus)}")
+            return list(corpus[split]["text"])
+        return ds_data.corpus.read_text_file(str(source))
+    except ds_data.DsDataError as e:  # names the file (and line); the flag says which input it was
+        raise DsQuantError(f"{flag}: {e} (expected a .txt or .jsonl file, or 'builtin')") from None
 
 
 def token_stream(texts: list[str], tokenizer) -> torch.Tensor:

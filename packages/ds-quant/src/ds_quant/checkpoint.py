@@ -2,6 +2,7 @@
 
     config.yaml        ModelConfig (unchanged)
     quant.yaml         QuantConfig + the resolved precision of every layer + the packing format
+                       + ``gathered_mlps``: {static-sparse MLP: kept width} (gathered_mlp.py)
     model.safetensors  packed weights in MatMulNBits layout: <layer>.qweight uint8 (N, n_blocks, blob),
                        <layer>.scales float32 (N, n_blocks), <layer>.zero_points uint8 (asymmetric
                        only), <layer>.bias; float tensors for everything kept in float
@@ -32,6 +33,7 @@ from torch import nn
 
 from ds_models import ModelConfig, ModelError, Transformer, write_provenance
 from ds_quant.errors import DsQuantError
+from ds_quant.gathered_mlp import GatheredMLP, gathered_widths, is_static_sparse
 from ds_quant.quant_linear import QuantEmbedding, QuantLinear
 from ds_quant.quantize import FLOAT, QuantConfig, layer_precisions
 
@@ -97,6 +99,7 @@ def save_quantized(
             **config.to_dict(),
             "tied_embeddings": bool(model.config.tie_embeddings),
             "layers": layer_precisions(model),
+            "gathered_mlps": gathered_widths(model),
         }
         (tmp / QUANT_FILE).write_text(yaml.safe_dump(quant, sort_keys=False), encoding="utf-8")
         save_file(
@@ -127,9 +130,13 @@ def read_quant_yaml(directory: str | os.PathLike[str]) -> tuple[QuantConfig, dic
         )
     if not isinstance(data.get("layers"), dict):
         raise DsQuantError(f"{path}: layers: expected a mapping of module name: bits")
-    fields = {
-        k: v for k, v in data.items() if k not in ("format", "format_version", "tied_embeddings", "layers")
-    }
+    gathered = data.setdefault("gathered_mlps", {})  # absent in directories without static sparsity
+    if not isinstance(gathered, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in gathered.values()
+    ):
+        raise DsQuantError(f"{path}: gathered_mlps: expected a mapping of MLP module name: kept width (> 0)")
+    extra = ("format", "format_version", "tied_embeddings", "layers", "gathered_mlps")
+    fields = {k: v for k, v in data.items() if k not in extra}
     return QuantConfig.from_dict(fields, where=str(path)), data
 
 
@@ -153,6 +160,20 @@ def load_quantized(
     layers: dict[str, Any] = data["layers"]
     with torch.device("meta"):  # no random init, no memory: every tensor comes from the file
         model = Transformer(mconfig)
+    for name, width in data["gathered_mlps"].items():
+        try:
+            mlp = model.get_submodule(name)
+        except AttributeError:
+            mlp = None
+        if mlp is None or not is_static_sparse(mlp):
+            raise DsQuantError(
+                f"{where}: gathered_mlps: {name}: not a static-sparse MLP of this {CONFIG_FILE}"
+            )
+        if width > mlp.d_ff:
+            raise DsQuantError(f"{where}: gathered_mlps: {name}: {width} kept neurons > d_ff {mlp.d_ff}")
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, GatheredMLP(
+            mconfig.d_model, width, bias=mlp.gate_proj.bias is not None, device="meta"))  # fmt: skip
     known = set(layer_precisions(model))
     for name in layers:
         if name not in known:

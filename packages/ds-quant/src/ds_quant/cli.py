@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", choices=["rtn", "gptq"], default=None, help="round-to-nearest or GPTQ (default rtn)"
     )
     p.add_argument("--calib", default=None,
-                   help="GPTQ calibration text: a .txt/.jsonl file, or 'builtin' (needs ds-quant[calib])")  # fmt: skip
+                   help="GPTQ calibration text, read by ds-data (ds-quant[calib]): a .txt/.jsonl file or 'builtin'")  # fmt: skip
     p.add_argument("--keep", nargs="*", default=[], metavar="PATTERN",
                    help="module-name patterns kept in float, e.g. lm_head 'layers.0.*'")  # fmt: skip
     p.add_argument("--config", default=None, help="YAML file of QuantConfig fields")
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="float ds model directory (needs tokenizer.json)")
     p.add_argument("--text", default="builtin:validation",
-                   help="held-out text: .txt/.jsonl file or builtin:validation (needs ds-quant[calib])")  # fmt: skip
+                   help="held-out text, read by ds-data (ds-quant[calib]): a .txt/.jsonl file or builtin:validation")  # fmt: skip
     p.add_argument(
         "--bits", type=_bits, nargs="+", default=[32, 8, 4], help="precisions to compare (32, 8, 4)"
     )

@@ -48,6 +48,7 @@ def twin(onnx_model: OnnxModel, model_dir: str | os.PathLike[str] | None = None)
     if bits in (4, 8) and not is_quantized_dir(source):
         quant = dict(onnx_model.metadata.get("ds.quant") or {})
         quant.pop("layers", None)
+        quant.pop("gathered_mlps", None)  # quantize gathers static-sparse MLPs again itself
         quantize(model, config=QuantConfig.from_dict(quant, where="ds.quant"))
     if bits == 16:
         with torch.no_grad():
@@ -194,10 +195,13 @@ def evaluate_logits(
 
 
 def model_weight_bytes(model: nn.Module) -> int:
-    """Bytes of the stored tensors (tied tensors once): what a model directory holds."""
+    """Bytes of the stored tensors (tied tensors once): what a model directory holds.
+
+    The state dict, not every buffer: QuantLinear's prepared int4pack copies are never saved.
+    """
     seen: set[int] = set()
     total = 0
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in model.state_dict().values():
         if t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())

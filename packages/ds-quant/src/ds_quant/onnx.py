@@ -21,8 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ds_models import ModelConfig, ModelError
-from ds_models.generate import sample
+from ds_models import ModelConfig, ModelError, sample
 from ds_quant.errors import DsQuantError
 from ds_quant.onnx_export import MODEL_FILE, io_names, read_metadata
 

@@ -163,11 +163,11 @@ def _dequantize_rows(ids, data, scales, zero_points, dim: int, bits: int, block_
     n_blocks = scales.shape[1]
     rows = data[ids].view(*ids.shape, n_blocks, -1)  # (..., n_blocks, blob)
     codes = unpack_codes(rows, bits, block_size).float()  # (..., n_blocks, block_size)
-    if zero_points is None:
-        zero = torch.full(scales.shape, float(2 ** (bits - 1)), device=scales.device)[ids]
+    if zero_points is None:  # symmetric: MatMulNBits' default zero point, a Python scalar (no
+        zero = float(2 ** (bits - 1))  # host-to-device copy: CUDA graphs capture this)
     else:
-        zero = unpack_codes(zero_points[ids], bits, n_blocks).float()  # (..., n_blocks)
-    w = (codes - zero[..., None]) * scales[ids].float()[..., None]
+        zero = unpack_codes(zero_points[ids], bits, n_blocks).float()[..., None]  # (..., n_blocks, 1)
+    w = (codes - zero) * scales[ids].float()[..., None]
     return w.flatten(-2)[..., :dim].to(scales.dtype)
 
 
@@ -202,6 +202,13 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
         self.accuracy_level = 0  # 0: float activations; 4: int8 activations (MatMulNBits on CPU)
         self._cache: dict[str, object] = {}
+        # The int4pack backend's weight and (scale, offset) tensors, built by `prepare` (eagerly on
+        # .to(device) / load_state_dict) so that forward under torch.compile only reads them. Buffers,
+        # not plain attributes: CUDA graphs treat buffers as static inputs (no copy per replay).
+        self.register_buffer("int4_weight", None, persistent=False)
+        self.register_buffer("int4_scale_offset", None, persistent=False)
+        self._int4_key: tuple | None = None
+        self.lookup_only = False  # an untied embedding table: rows are gathered, never multiplied
 
     @property
     def sym(self) -> bool:
@@ -232,6 +239,7 @@ class QuantLinear(nn.Module):
             m.zero_points.copy_(packed.zero_points)
         if bias is not None:
             m.bias.copy_(bias.detach().float())
+        m.prepare()
         return m
 
     def packed(self) -> PackedWeight:
@@ -253,6 +261,8 @@ class QuantLinear(nn.Module):
     # -- forward --
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in_features) -> (..., out_features)
+        if torch.compiler.is_compiling():
+            return self._forward_traced(x)
         if torch.onnx.is_in_onnx_export():
             y = _MatMulNBits.apply(
                 x, self.qweight, self.scales, self.zero_points, self.in_features, self.out_features, self.bits,
@@ -261,12 +271,28 @@ class QuantLinear(nn.Module):
             return y if self.bias is None else y + self.bias
         backend = self._pick_backend(x)
         if backend == "int4pack":
-            y = self._int4pack(x)
+            self._ensure_int4pack(x.device)
+            y = self._int4pack_mm(x)
         else:
             if self.accuracy_level == 4:
                 x = quantize_activations(x, self.block_size)
             w = self.dequantized_weight(x.dtype) if backend == "reference" else self._cached_weight(x)
             y = F.linear(x, w)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _forward_traced(self, x: torch.Tensor) -> torch.Tensor:
+        """forward under torch.compile: no cache keys (data_ptr / _version are not traceable).
+
+        Uses the int4pack weights `prepare` built when the module was moved or loaded (CUDA, or a
+        bfloat16 model on CPU); otherwise dequantizes inside the graph (``reference``, which the
+        compiler fuses into the matmul's producer).
+        """
+        if self.int4_weight is not None and self.int4_weight.device == x.device:
+            y = self._int4pack_mm(x)
+        else:
+            if self.accuracy_level == 4:
+                x = quantize_activations(x, self.block_size)
+            y = F.linear(x, self.dequantized_weight(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _pick_backend(self, x: torch.Tensor) -> str:
@@ -278,38 +304,75 @@ class QuantLinear(nn.Module):
             return "cached"  # 8-bit or odd shapes: the exact path
         return name
 
-    def _key(self, kind: str, x: torch.Tensor) -> tuple:
+    def _key(self, kind: str, device: torch.device, dtype: torch.dtype | None = None) -> tuple:
         # _version changes whenever the buffers are written in place (load_state_dict, copy_).
-        return (kind, x.device, x.dtype, self.qweight.data_ptr(), self.qweight._version, self.scales._version)
+        return (kind, device, dtype, self.qweight.data_ptr(), self.qweight._version, self.scales._version)
 
     def _cached_weight(self, x: torch.Tensor) -> torch.Tensor:
-        key = self._key("cached", x)
+        key = self._key("cached", x.device, x.dtype)
         if self._cache.get("key") != key:
             self._cache = {"key": key, "w": self.dequantized_weight(x.dtype).to(x.device)}
         return self._cache["w"]  # type: ignore[return-value]
 
-    def _int4pack(self, x: torch.Tensor) -> torch.Tensor:
-        key = self._key("int4pack", x)
-        if self._cache.get("key") != key:
-            codes = unpacked_codes(self.packed()).flatten(1)  # (N, K) uint8 in 0..15
-            zero = zero_point_values(self.packed())  # (N, n_blocks)
-            # aten's int4 formula is (q - 8) * scale + offset; ours is (q - zp) * scale.
-            offset = (8 - zero) * self.scales
-            sz = torch.stack([self.scales.t(), offset.t()], dim=-1).to(torch.bfloat16).contiguous()
-            if x.is_cuda:
-                # The CUDA kernel takes two codes per byte with the even index in the HIGH nibble.
-                hi_first = (codes[:, 0::2] << 4) | codes[:, 1::2]
-                w = torch.ops.aten._convert_weight_to_int4pack(hi_first.to(x.device).contiguous(), 8)
-            else:
-                w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
-            self._cache = {"key": key, "w": w, "sz": sz.to(x.device)}
+    # -- int4pack --
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)  # .to(device / dtype), .cuda(), to_empty: buffers moved or cast
+        self.prepare()
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.prepare()  # the buffers were just overwritten in place
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Build the int4pack weights now where forward will use them: on CUDA, or with bfloat16
+        scales on CPU (a model cast to bfloat16), for 4-bit shapes the kernels take, unless a
+        backend other than auto / int4pack is forced. Called on every move / load; idempotent.
+        """
+        self.int4_weight = self.int4_scale_offset = self._int4_key = None
+        q = self.qweight
+        if q.device.type == "meta" or self.lookup_only or current_backend() not in ("auto", "int4pack"):
+            return
+        if not int4pack_supported(self.bits, self.block_size, self.in_features, self.out_features):
+            return
+        if q.is_cuda or self.scales.dtype == torch.bfloat16:
+            self._ensure_int4pack(q.device)
+
+    def _ensure_int4pack(self, device: torch.device) -> None:
+        key = self._key("int4pack", device)
+        if self._int4_key == key:
+            return
+        codes = unpacked_codes(self.packed()).flatten(1)  # (N, K) uint8 in 0..15
+        zero = zero_point_values(self.packed())  # (N, n_blocks)
+        # aten's int4 formula is (q - 8) * scale + offset; ours is (q - zp) * scale.
+        scales = self.scales.float()
+        offset = (8 - zero) * scales
+        sz = torch.stack([scales.t(), offset.t()], dim=-1).to(torch.bfloat16).contiguous()
+        if device.type == "cuda":
+            # The CUDA kernel takes two codes per byte with the even index in the HIGH nibble.
+            hi_first = (codes[:, 0::2] << 4) | codes[:, 1::2]
+            w = torch.ops.aten._convert_weight_to_int4pack(hi_first.to(device).contiguous(), 8)
+        else:
+            w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+        self.int4_weight, self.int4_scale_offset = w, sz.to(device)
+        self._int4_key = key
+        if device.type == "cuda":  # CUDA-graph inputs that never move (as ds_models' fused qkv)
+            for t in (self.int4_weight, self.int4_scale_offset, self.bias):
+                if t is not None:
+                    torch._dynamo.mark_static_address(t)
+
+    def _int4pack_mm(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()  # the CUDA kernel needs a dense A
         if x.is_cuda:
-            y = torch.ops.aten._weight_int4pack_mm(x2, self._cache["w"], self.block_size, self._cache["sz"])
+            y = torch.ops.aten._weight_int4pack_mm(
+                x2, self.int4_weight, self.block_size, self.int4_scale_offset
+            )
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2, self._cache["w"], self.block_size, self._cache["sz"]
+                x2, self.int4_weight, self.block_size, self.int4_scale_offset
             )
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
@@ -349,6 +412,7 @@ class QuantEmbedding(nn.Module):
             self.table = QuantLinear(
                 embedding_dim, num_embeddings, bits=bits, block_size=block_size, sym=sym, device=device
             )
+            self.table.lookup_only = True
 
     @property
     def tied(self) -> bool:

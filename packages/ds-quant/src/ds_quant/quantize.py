@@ -3,7 +3,8 @@
 In the style of gpt-fast's ``quantize.py``: the handler first builds the quantized tensors
 (round-to-nearest, or GPTQ with calibration tokens), then replaces every chosen ``nn.Linear``
 by its runtime twin `QuantLinear` and ``embed_tokens`` by `QuantEmbedding`. The model file
-(ds_models.model) knows nothing about quantization.
+(ds_models.model) knows nothing about quantization. Static-sparse MLPs are first swapped for the
+dense MLP of their kept neurons (gathered_mlp.py), so only those neurons are quantized.
 
 Per-layer precision: every ``nn.Linear`` and ``embed_tokens`` gets ``bits``; ``overrides`` maps
 fnmatch patterns over module names to 4, 8 or ``float`` (kept as is), later patterns winning::
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from ds_quant.errors import DsQuantError
+from ds_quant.gathered_mlp import gather_static_mlps
 from ds_quant.gptq import GPTQConfig, gptq_layers
 from ds_quant.packing import PackedWeight, check_format, quantize_weight
 from ds_quant.quant_linear import QuantEmbedding, QuantLinear
@@ -166,6 +168,9 @@ def quantize(
         raise DsQuantError(
             "model: already quantized (it holds QuantLinear modules); start from the float model"
         )
+    # Static-sparse MLPs become the dense MLP of their kept neurons: the dropped rows are never
+    # quantized, stored or exported (gathered_mlp.py). The plan's module names do not change.
+    gather_static_mlps(model)
     plan = plan_precision(model, config)
     packed: dict[str, PackedWeight] = {}
     if config.method == "gptq":
@@ -183,14 +188,17 @@ def quantize(
             )
         )  # fmt: skip
     modules = dict(model.named_modules())
+    clip = config.method == "gptq" and config.gptq.clip_search
     for name, b in plan.items():
         if b is None or name in packed or name == "embed_tokens":
             continue
         # Round-to-nearest: everything under rtn; under gptq the lm_head unless gptq.lm_head is off.
-        packed[name] = quantize_weight(modules[name].weight, b, config.group_size, config.sym)
+        packed[name] = quantize_weight(
+            modules[name].weight, b, config.group_size, config.sym, clip_search=clip
+        )
     if plan.get("embed_tokens") is not None and not _tied(model):
         packed["embed_tokens"] = quantize_weight(
-            model.embed_tokens.weight, plan["embed_tokens"], config.group_size, config.sym
+            model.embed_tokens.weight, plan["embed_tokens"], config.group_size, config.sym, clip_search=clip
         )
     swap_modules(model, packed)
     model.quant_config = config  # type: ignore[assignment]
@@ -209,6 +217,7 @@ def swap_modules(model: nn.Module, packed: dict[str, PackedWeight]) -> None:
                 p.out_features, p.in_features, bits=p.bits, block_size=p.block_size, sym=p.sym
             )
             emb.table = QuantLinear.from_packed(p)
+            emb.table.lookup_only = True
             model.embed_tokens = emb
             continue
         parent_name, _, attr = name.rpartition(".")
