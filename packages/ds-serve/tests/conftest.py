@@ -52,12 +52,20 @@ def model_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def onnx_dir(model_dir, tmp_path_factory) -> Path:
+    """model_dir exported by ds-quant to ONNX (float32, KV-cache inputs/outputs)."""
+    from ds_quant import export_directory
+
+    return export_directory(model_dir, tmp_path_factory.mktemp("onnx") / "ds-tiny-test")
+
+
 class ServerProcess:
-    def __init__(self, model_dir: Path, *args: str) -> None:
+    def __init__(self, model_dir: Path, *args: str, flag: str = "--model") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "ds_serve", "--model", str(model_dir), "--port", str(self.port),
+        cmd = [sys.executable, "-m", "ds_serve", "serve", flag, str(model_dir), "--port", str(self.port),
                "--threads", "1", *args]  # fmt: skip
         # A file, not a pipe (a full pipe would block the server); closed in stop().
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115
@@ -111,8 +119,8 @@ def start_server(model_dir):
     """start_server(*args) -> a ready ServerProcess of its own (stopped after the test)."""
     started = []
 
-    def start(*args: str) -> ServerProcess:
-        started.append(ServerProcess(model_dir, *args))
+    def start(*args: str, directory: Path | None = None, flag: str = "--model") -> ServerProcess:
+        started.append(ServerProcess(directory or model_dir, *args, flag=flag))
         return started[-1].wait_ready()
 
     yield start

@@ -1,9 +1,14 @@
-"""`ds-serve` command line: bad input exits 2 with one line on stderr; --help shows defaults."""
+"""`ds-serve` command line: subcommand and shorthand, YAML config plus key=value, one-line errors (exit 2)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+
+import httpx
+import pytest
+
+from ds_serve.cli import main
 
 
 def ds_serve(*args: str) -> subprocess.CompletedProcess:
@@ -12,21 +17,72 @@ def ds_serve(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def one_line(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ds-serve: error: "), r.stderr
+    return lines[0]
+
+
 def test_missing_model_dir_is_one_line_exit_2(tmp_path):
-    r = ds_serve("--model", str(tmp_path / "nope"))
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"ds-serve: error: {tmp_path / 'nope'}: config.yaml: not found; "
-                                             "expected a ds model directory"]  # fmt: skip
+    for args in (["--model", str(tmp_path / "nope")], ["serve", "--model", str(tmp_path / "nope")]):
+        assert one_line(ds_serve(*args)) == (f"ds-serve: error: --model: {tmp_path / 'nope'}: config.yaml: "
+                                             "not found; expected a ds model directory")  # fmt: skip
+    assert "model.onnx: not found" in one_line(ds_serve("serve", "--onnx", str(tmp_path)))
 
 
-def test_bad_flag_values_exit_2(model_dir):
-    r = ds_serve("--model", str(model_dir), "--max-batch", "0")
-    assert r.returncode == 2 and r.stderr.strip() == "ds-serve: error: max_batch: expected >= 1, got 0"
-    r = ds_serve("--model", str(model_dir), "--batching", "dynamic")
-    assert r.returncode == 2 and "invalid choice: 'dynamic'" in r.stderr
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-batch", "0"], "max_batch: expected >= 1, got 0"),
+        (["--batching", "dynamic"], "invalid choice: 'dynamic'"),
+        (["--max-batch", "many"], "invalid int value: 'many'"),
+        (["scheduler.max_batch=many"], "overrides: scheduler.max_batch: expected int, got 'many'"),
+        (["scheduler.rows=4"], "overrides: scheduler.rows: unknown setting"),
+        (["max_batch"], "override 'max_batch': expected key=value"),
+        (["--onnx", "x"], "--model / --onnx: expected exactly one model directory"),
+        (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
+        (["--dtype", "fp8"], "--dtype: expected one of fp32, bf16, fp16, got 'fp8'"),
+    ],
+)
+def test_bad_settings_exit_2(model_dir, args, message, capsys):
+    """In process (the same main() the console script runs), so that each case skips a torch start-up."""
+    try:
+        code = main(["serve", "--model", str(model_dir), *args])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert message in one_line(subprocess.CompletedProcess([], code, "", err))
+
+
+def test_bad_config_file_exit_2(model_dir, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scheduler:\n  max_batch: [1\n")
+    assert one_line(ds_serve("serve", "--config", str(bad))).startswith(f"ds-serve: error: {bad}: line ")
+    bad.write_text("scheduler:\n  batching: dynamic\n")
+    msg = one_line(ds_serve("serve", "--model", str(model_dir), "--config", str(bad)))
+    assert msg == "ds-serve: error: batching: expected continuous or fixed, got 'dynamic'"
+    bad.write_text("server:\n  drain_s: soon\n")
+    assert f"{bad}: server.drain_s: expected float" in one_line(ds_serve("--config", str(bad)))
+    assert "no such file" in one_line(ds_serve("serve", "--config", str(tmp_path / "none.yaml")))
+
+
+def test_config_flags_and_overrides_layer(model_dir, tmp_path, start_server):
+    """YAML < key=value: the YAML sets the name and an API key; the override replaces the key."""
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"model: {model_dir}\nserver:\n  model_name: from-yaml\n  api_key: yaml-key\n"
+                   "scheduler:\n  max_batch: 2\n")  # fmt: skip
+    server = start_server("--config", str(cfg), "server.api_key=override-key")
+    assert (
+        httpx.get(server.url + "/v1/models", headers={"authorization": "Bearer yaml-key"}).status_code == 401
+    )
+    r = httpx.get(server.url + "/v1/models", headers={"authorization": "Bearer override-key"})
+    assert [m["id"] for m in r.json()["data"]] == ["from-yaml"]
 
 
 def test_help_shows_defaults():
-    r = ds_serve("--help")
+    r = ds_serve("serve", "--help")
     assert r.returncode == 0
     assert "--max-batch MAX_BATCH" in r.stdout and "(default: 8)" in r.stdout
+    assert "scheduler.max_batch" in r.stdout
+    assert "serve" in ds_serve("--help").stdout

@@ -5,8 +5,8 @@ Continuous (iteration-level) batching, as in Orca / vLLM: the KV cache holds `ma
 
   1. drops finished, cancelled and timed-out requests (their slot is free at once),
   2. admits waiting requests in arrival order (FCFS: the head of the queue is never skipped, so a
-     long prompt cannot starve) while a slot is free and the token budget allows; each admitted
-     prompt is prefilled into its own slot,
+     long prompt cannot starve) while a slot is free and the token budget allows; the admitted
+     prompts are prefilled together (one forward, right-padded), each into its own slot,
   3. runs ONE decode step for every running request together, each row at its own position.
 
 Fixed (static) batching, kept as the baseline, admits only when the running batch is empty: it
@@ -14,6 +14,10 @@ waits for a batch (up to `max_batch` requests, or `batch_wait_s`) and runs it to
 `ds_models.generate` runs a batch: a row that has finished keeps its slot and its share of every
 step until the longest row is done, and the whole batch is answered then. Both modes share the
 same step code, so a benchmark compares scheduling and nothing else.
+
+The model sits behind a small `Engine` interface (prefill prompts into slots, decode slots by one
+token, release a slot): `TorchEngine` runs a ds_models.Transformer over `SlotCache` (here);
+ds_serve.onnx_engine.OnnxEngine runs a ds-quant ONNX export in onnxruntime.
 
 Greedy outputs are the same as `ds_models.generate` for the same prompt: a row attends to its own
 slot only (masked attention), at the same RoPE positions (slot index = position).
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import threading
 import time
@@ -31,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ds_models import Transformer
+from ds_models import ModelConfig, Transformer
 from ds_models.generate import sample
 from ds_models.model import attention_bias, rope_cos_sin
 
@@ -116,6 +121,7 @@ class SlotCache:
         self.slots = torch.zeros(0, dtype=torch.long)  # (B,) rows the current forward touches
         self.pos = torch.zeros(0, 0, dtype=torch.long)  # (B, T) positions written by it
         self.length = 0  # keys attended: positions 0..length-1
+        self.max_len = max_len
 
     def update(self, layer: int, input_pos, k: torch.Tensor, v: torch.Tensor):
         # k, v (B, K, T, D) -> rows self.slots at positions self.pos (B, T)
@@ -130,14 +136,17 @@ class SlotCache:
     def set_batch(self, slots: list[int], pos: torch.Tensor) -> None:
         self.slots = torch.tensor(slots, dtype=torch.long, device=self.k[0].device)
         self.pos = pos
-        self.length = int(pos.max()) + 1
+        # Attended keys rounded up to a multiple of 64 (the rest is masked): decode shapes then change
+        # every 64 steps instead of every step (fewer distinct shapes for shape-keyed kernel caches).
+        self.length = min(self.max_len, -(-(int(pos.max()) + 1) // 64) * 64)
         self.contiguous = slots == list(range(len(slots)))
 
 
 @torch.no_grad()
 def forward_rows(model: Transformer, cache: SlotCache, ids: torch.Tensor, slots: list[int],
-                 pos: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """ids (B, T) at positions pos (B, T) of cache rows `slots` -> last-position logits (B, vocab).
+                 pos: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """ids (B, T) at positions pos (B, T) of cache rows `slots` -> logits (B, vocab) at column `last`
+    of each row (default: the last column).
 
     The model's own blocks, with RoPE and the causal mask built per row: a row attends to its own
     slot's positions 0..pos only.
@@ -151,19 +160,80 @@ def forward_rows(model: Transformer, cache: SlotCache, ids: torch.Tensor, slots:
     cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, x.dtype)
     for layer in model.layers:  # input_pos is unused by SlotCache.update (it reads cache.pos)
         x = layer(x, cos, sin, bias, pos[0], cache)
-    return model.lm_head(model.norm(x[:, -1])).float()  # (B, vocab)
+    x = x[:, -1] if last is None else x[torch.arange(len(x), device=x.device), last]  # (B, d_model)
+    return model.lm_head(model.norm(x)).float()  # (B, vocab)
+
+
+class Engine:
+    """What the scheduler needs from a model: prefill prompts into slots, decode slots by one token.
+
+    `config` is the ds ModelConfig (vocab_size, max_seq_len), `device` where sampling runs.
+    Slots are integers in [0, rows); the scheduler owns their allocation and tells the engine when
+    one is released.
+    """
+
+    config: ModelConfig
+    device: torch.device
+    max_len: int
+
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Run each prompt into its slot; logits (B, vocab) float of each prompt's last position."""
+        raise NotImplementedError
+
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One token per slot, at its position -> logits (B, vocab) float."""
+        raise NotImplementedError
+
+    def release(self, slot: int) -> None:
+        """The slot's request left; its cache may be reused."""
+
+
+class TorchEngine(Engine):
+    """A ds_models.Transformer over a SlotCache (the default engine)."""
+
+    def __init__(self, model: Transformer, rows: int, max_len: int | None = None) -> None:
+        self.model = model.eval()
+        self.config = model.config
+        self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
+        self.cache = SlotCache(model, rows, self.max_len)
+        self.device = self.cache.k[0].device
+
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        # Right-padded with token 0: a padded position's keys are written after the prompt, where the
+        # row's first decode step overwrites them before any query of the row can attend to them.
+        T = max(map(len, prompts))
+        ids = torch.tensor(
+            [p + [0] * (T - len(p)) for p in prompts], dtype=torch.long, device=self.device
+        )  # (B, T)
+        pos = torch.arange(T, device=self.device).expand(len(prompts), T)  # (B, T)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)  # (B,)
+        with self.attention_backends():
+            return forward_rows(self.model, self.cache, ids, slots, pos, last)
+
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+        with self.attention_backends():
+            return forward_rows(self.model, self.cache, ids, slots, pos)
+
+    def attention_backends(self):
+        """On CUDA, SDPA's memory-efficient kernel: it takes the per-row float mask in bf16 and fp32."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 class Scheduler:
     """Owns the model and the cache; `submit` from any thread, tokens come back through callbacks."""
 
-    def __init__(self, model: Transformer, config: SchedulerConfig | None = None,
+    def __init__(self, model: Transformer | Engine, config: SchedulerConfig | None = None,
                  observer: Callable[[str, dict], None] | None = None) -> None:  # fmt: skip
-        self.model = model.eval()
         self.config = cfg = config or SchedulerConfig()
-        self.max_len = min(cfg.max_len or model.config.max_seq_len, model.config.max_seq_len)
+        self.engine = model if isinstance(model, Engine) else TorchEngine(model, cfg.max_batch, cfg.max_len)
+        self.max_len = self.engine.max_len
         self.token_budget = cfg.token_budget or cfg.max_batch * self.max_len
-        self.cache = SlotCache(model, cfg.max_batch, self.max_len)
         self.observer = observer or (lambda event, data: None)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -179,7 +249,7 @@ class Scheduler:
     # ---- API (any thread) ----
 
     def submit(self, req: Request) -> Request:
-        vocab = self.model.config.vocab_size
+        vocab = self.engine.config.vocab_size
         if not req.prompt:
             raise ServeError("prompt: empty; at least one token is needed", param="prompt")
         if any(not 0 <= t < vocab for t in req.prompt):
@@ -202,7 +272,7 @@ class Scheduler:
                                  status=429, type="rate_limit_error", code="queue_full")  # fmt: skip
             req.id, req.arrival = next(self._ids), time.monotonic()
             if req.seed is not None:
-                req.generator = torch.Generator(device=self.cache.k[0].device).manual_seed(req.seed)
+                req.generator = torch.Generator(device=self.engine.device).manual_seed(req.seed)
             self.waiting.append(req)
             self._cv.notify()
         return req
@@ -285,22 +355,20 @@ class Scheduler:
                 req.slot = self.free_slots.pop(0)  # lowest free row keeps the batch contiguous
                 self.reserved += req.need
                 admitted.append(req)
-        for req in admitted:
-            self.running.append(req)
-            ids = torch.tensor([req.prompt], dtype=torch.long, device=self.cache.k[0].device)  # (1, T)
-            pos = torch.arange(len(req.prompt), device=ids.device)[None]  # (1, T)
-            logits = forward_rows(self.model, self.cache, ids, [req.slot], pos)
-            self._emit(req, self._sample(req, logits[0]))
         if admitted:
+            logits = self.engine.prefill(
+                [r.slot for r in admitted], [r.prompt for r in admitted]
+            )  # (B, vocab)
+            self.running.extend(admitted)
             self.running.sort(key=lambda r: r.slot)
+            for req, row in zip(admitted, logits):
+                self._emit(req, self._sample(req, row))
 
     def _decode(self) -> None:
         reqs = self.running
-        device = self.cache.k[0].device
-        ids = torch.tensor([[r.tokens[-1]] for r in reqs], dtype=torch.long, device=device)  # (B, 1)
-        pos = torch.tensor([[len(r.prompt) + len(r.tokens) - 1] for r in reqs], device=device)  # (B, 1)
         self.observer("step", {"batch": len(reqs)})
-        logits = forward_rows(self.model, self.cache, ids, [r.slot for r in reqs], pos)  # (B, vocab)
+        logits = self.engine.decode([r.slot for r in reqs], [r.tokens[-1] for r in reqs],
+                                    [len(r.prompt) + len(r.tokens) - 1 for r in reqs])  # fmt: skip
         greedy = logits.argmax(dim=-1).tolist()
         for i, req in enumerate([*reqs]):
             if req.done is None:
@@ -332,6 +400,7 @@ class Scheduler:
             self.running.remove(req)
             self.free_slots.append(req.slot)
             self.free_slots.sort()
+            self.engine.release(req.slot)
             self.reserved -= req.need
         self.observer("finish", {"request": req})
         if req.on_event:

@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -27,11 +28,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ds_models import Transformer, load_tokenizer
 from ds_serve.metrics import Metrics
 from ds_serve.scheduler import Request as GenRequest
-from ds_serve.scheduler import Scheduler, SchedulerConfig, ServeError, async_callback
+from ds_serve.scheduler import Scheduler, SchedulerConfig, ServeError, TorchEngine, async_callback
 
 MAX_BODY_BYTES = 1 << 20  # a prompt larger than this cannot fit any ds context anyway
 EOS = "<|endoftext|>"
 ROLES = ("system", "user", "assistant", "tool")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -53,17 +55,39 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 def create_app(model_dir: str | Path, scheduler_config: SchedulerConfig | None = None,
-               server_config: ServerConfig | None = None) -> FastAPI:  # fmt: skip
-    """Load the model directory and build the app; the scheduler starts now and stops with the app."""
+               server_config: ServerConfig | None = None, *, onnx: bool = False, threads: int | None = None,
+               device: str | None = None, dtype: str | None = None) -> FastAPI:  # fmt: skip
+    """Load the model directory and build the app; the scheduler starts now and stops with the app.
+
+    onnx: `model_dir` is a ds-quant ONNX export (model.onnx), run by onnxruntime (needs ds-serve[onnx];
+    threads: its intra-op threads). Otherwise the PyTorch model is loaded on `device` ("cpu", "cuda",
+    "cuda:1"; default cpu) in `dtype` (fp32 | bf16 | fp16; default: as stored).
+    """
     model_dir = Path(model_dir)
-    model = Transformer.from_pretrained(model_dir)
-    tokenizer = load_tokenizer(model_dir)
+    scheduler_config = scheduler_config or SchedulerConfig()
+    if onnx:
+        from ds_serve.onnx_engine import OnnxEngine, load_onnx
+
+        onnx_model, tokenizer = load_onnx(model_dir, threads)
+        engine = OnnxEngine(onnx_model, scheduler_config.max_len)
+    else:
+        if dtype is not None and dtype not in DTYPES:
+            raise ServeError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+        try:
+            dev = torch.device(device or "cpu")
+        except RuntimeError:
+            raise ServeError(f"--device: expected cpu, cuda or cuda:N, got {device!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ServeError(f"--device: {device}: this torch has no CUDA device available")
+        model = Transformer.from_pretrained(model_dir, device=dev, dtype=DTYPES.get(dtype))
+        engine = TorchEngine(model, scheduler_config.max_batch, scheduler_config.max_len)
+        tokenizer = load_tokenizer(model_dir)
     if tokenizer is None:
         raise ServeError(f"{model_dir}: tokenizer.json: missing; the server needs a tokenizer")
     cfg = server_config or ServerConfig()
     name = cfg.model_name or model_dir.resolve().name
     metrics = Metrics()
-    scheduler = Scheduler(model, scheduler_config, observer=metrics.observe)
+    scheduler = Scheduler(engine, scheduler_config, observer=metrics.observe)
     metrics.bind(scheduler)
     eos = tokenizer.token_to_id(EOS)
     created = int(time.time())
