@@ -6,9 +6,10 @@ scores (from the pooled-key cache a decoder keeps next to its KV cache), the top
 the attention. Prefill: 32k causal with 10% of the key blocks kept (attention_sparse_ratio 0.9),
 including pooling, scoring and selection.
 
-Timing: each op is captured in a CUDA graph (a decoder replays graphs; this removes Python
-launch cost from both sides alike), the 50 MB L2 is flushed by writing a 256 MB buffer before
-every replay, each replay sits between two CUDA events, and the median of many is reported.
+Timing (``timing.py``, shared by the ds-core benchmarks): each op is captured in a CUDA graph
+(a decoder replays graphs; this removes Python launch cost from both sides alike), the 50 MB L2
+is flushed by writing a 256 MB buffer before every replay, each replay sits between two CUDA
+events, and the median of many is reported.
 Eager timings (triton.testing.do_bench, median, its own L2 flush) are recorded too.
 
     python packages/ds-core/benchmarks/bench_attention.py --out attention.json
@@ -19,8 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import statistics
 import sys
 import time
 from functools import partial
@@ -28,6 +27,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 import triton
+from timing import copy_bandwidth_GBs, rel_err, save_json, time_cpu, time_gpu
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ds_core.config import SparsityConfig
@@ -42,7 +42,6 @@ from ds_core.kernels.reference_attention import (
 from ds_core.sparse_attention import sparse_attention
 
 DEV = torch.device("cuda")
-_FLUSH = None
 
 
 def config(ratio: float = 0.0, keep_keys: int | None = None, block_size: int = 64) -> SparsityConfig:
@@ -51,56 +50,13 @@ def config(ratio: float = 0.0, keep_keys: int | None = None, block_size: int = 6
     )
 
 
-def time_graph(fn, reps: int, warmup: int = 5, graph: bool = True) -> dict:
-    """Median (and quartiles) in microseconds of CUDA-graph replays of fn, L2 flushed before each.
-
-    ``graph=False`` times plain calls the same way (prefill: it copies host data, and its
-    milliseconds dwarf launch cost).
-    """
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.empty(256 << 20, dtype=torch.int8, device=DEV)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    run = fn
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        run = g.replay
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(warmup + reps):
-        _FLUSH.zero_()
-        if i >= warmup:
-            starts[i - warmup].record()
-        run()
-        if i >= warmup:
-            ends[i - warmup].record()
-    torch.cuda.synchronize()
-    us = sorted(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
-    q1, med, q3 = us[len(us) // 4], statistics.median(us), us[3 * len(us) // 4]
-    return {"median_us": med, "q1_us": q1, "q3_us": q3, "reps": reps}
+def time_graph(fn, reps: int, graph: bool = True) -> dict:
+    """``timing.time_gpu``: CUDA-graph replays (or plain calls), L2 flushed before each."""
+    return time_gpu(fn, reps, graph=graph)
 
 
 def time_eager(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second (GB/s)."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
-    dst = torch.empty_like(src)
-    t = time_graph(partial(dst.copy_, src), reps=20)["median_us"]
-    return 2 * src.numel() / t / 1e3
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def check(results: dict, dtypes: list[str]) -> str:
@@ -144,6 +100,8 @@ def check_case(entry, dtype, B, Hq, Hkv, S, D, bs, Tq, q_start) -> str:
         entry["scores_match_inf"] = bool((s2.isinf() == scores.isinf()).all())
         entry["scores_max_err"] = (s2[fin] - scores[fin]).abs().max().item() if fin.any() else 0.0
         entry["select_equal"] = bool(torch.equal(ta.select_top_blocks(scores, int(counts[0])), idx))
+        fused_idx = ta.decode_top_blocks(q, pooled, int(counts[0]), **geo)
+        entry["fused_select_equal"] = bool(torch.equal(fused_idx, idx))
         for ns in (1, 4, None):
             out = ta.block_sparse_decode(q, k, v, idx, block_size=bs, q_start=q_start, n_splits=ns)
             entry[f"decode_ns{ns}_rel"] = rel_err(out, ref)
@@ -266,6 +224,16 @@ def decode_bench(results: dict, contexts: list[int], keep_keys: int, reps: int, 
                 comp, "scores", partial(time_graph, partial(ta.decode_block_scores, q, pooled, **geo), reps)
             )
             guarded(comp, "select", partial(time_graph, partial(ta.select_top_blocks, scores, n_keep), reps))
+            for nw in (4, 8):  # one launch: the row's last program selects
+                guarded(
+                    comp,
+                    f"scores+select_w{nw}",
+                    partial(
+                        time_graph,
+                        partial(ta.decode_top_blocks, q, pooled, n_keep, **geo, num_warps=nw),
+                        reps,
+                    ),
+                )
             for ns, st, nw in [(None, 2, 4), (8, 3, 4), (16, 3, 4), (16, 2, 4), (32, 1, 4), (16, 2, 8)]:
                 attn = partial(
                     ta.block_sparse_decode,
@@ -389,13 +357,7 @@ def cpu_bench(out_path: str, S: int, keep_keys: int, prefill_len: int, ratio: fl
     B, Hq, Hkv, D = 1, 32, 8, 128
 
     def median_ms(fn) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
+        return time_cpu(fn, reps)["median_us"] / 1e3
 
     torch.manual_seed(0)
     results: dict = {
@@ -415,10 +377,7 @@ def cpu_bench(out_path: str, S: int, keep_keys: int, prefill_len: int, ratio: fl
     dense_ms = median_ms(partial(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True))
     sparse_ms = median_ms(partial(sparse_attention, q, k, v, sparsity=cfg, backend="torch"))
     results["prefill"] = {"seq": prefill_len, "ratio": ratio, "sdpa_ms": dense_ms, "sparse_ms": sparse_ms}
-    tmp = out_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, out_path)
+    save_json(out_path, results)
     for name in ("decode", "prefill"):
         r = results[name]
         print(
@@ -461,7 +420,7 @@ def main() -> int:
         "command": " ".join(sys.argv),
     }
     t0 = time.time()
-    results["copy_GBs"] = copy_bandwidth()
+    results["copy_GBs"] = copy_bandwidth_GBs()
     print(f"copy bandwidth {results['copy_GBs']:.0f} GB/s", flush=True)
     pick_sdpa_backend(results)
     try:
@@ -481,10 +440,7 @@ def main() -> int:
             )
     finally:
         results["wall_s"] = time.time() - t0
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, args.out)
+        save_json(args.out, results)
     try:
         print("\n| case | SDPA flash (us) | sparse (us) | speedup | sparse BW |")
         print("|---|---|---|---|---|")

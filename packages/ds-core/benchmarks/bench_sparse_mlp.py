@@ -6,9 +6,10 @@ dense fallback, whichever the layer picks), static batch 1 / 16 / 64 at ratio 0.
 forced-fallback case. Dynamic thresholds are calibrated on random activations, so each token
 skips about ``ratio`` of its inputs; the achieved skip fraction is recorded next to each case.
 
-Timing: each op is captured in a CUDA graph (removes Python launch cost from both sides alike),
-the 50 MB L2 is flushed by writing a 256 MB buffer before every replay, each replay sits between
-two CUDA events, and the median of many is reported. ``--sweep`` first times the row-gather
+Timing (``timing.py``, shared by the ds-core benchmarks): each op is captured in a CUDA graph
+(removes Python launch cost from both sides alike), the 50 MB L2 is flushed by writing a 256 MB
+buffer before every replay, each replay sits between two CUDA events, and the median of many is
+reported. ``--sweep`` first times the row-gather
 kernels alone over a grid of launch configs and uses the best per kernel and batch.
 
     python packages/ds-core/benchmarks/bench_sparse_mlp.py --sweep --out sparse_mlp.json
@@ -19,71 +20,21 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
-import statistics
 import sys
-import time
 import traceback
+from functools import partial
 
 import torch
 import torch.nn.functional as F
+from timing import copy_bandwidth_GBs, rel_err, save_json, time_cpu_pair, time_gpu
 
 from ds_core import SparseMLP, SparsityConfig
 from ds_core.kernels import reference
 
 D_MODEL, D_FF = 4096, 11008
 H100_BW = 3.35e12  # bytes/s, datasheet HBM3
-_FLUSH: torch.Tensor | None = None
-
-
-# ------------------------------------------------------------------------------------- timing
-def time_gpu(fn, reps: int, graph: bool = True) -> dict:
-    """Median / quartiles in microseconds of CUDA-graph replays of fn, L2 flushed before each."""
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    run = fn
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        run = g.replay
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        _FLUSH.zero_()
-        starts[i].record()
-        run()
-        ends[i].record()
-    torch.cuda.synchronize()
-    ts = sorted(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
-    return {"median_us": statistics.median(ts), "p25_us": ts[len(ts) // 4], "p75_us": ts[3 * len(ts) // 4]}
-
-
-def time_cpu_pair(fn_a, fn_b, reps: int) -> tuple[dict, dict]:
-    """Median / quartiles in microseconds of fn_a and fn_b, called alternately."""
-    times: tuple[list[float], list[float]] = ([], [])
-    for i in range(reps + 2):
-        for fn, ts in zip((fn_a, fn_b), times):
-            t0 = time.perf_counter()
-            fn()
-            if i >= 2:  # the first two rounds warm up
-                ts.append((time.perf_counter() - t0) * 1e6)
-    out = []
-    for ts in times:
-        ts.sort()
-        out.append(
-            {"median_us": statistics.median(ts), "p25_us": ts[len(ts) // 4], "p75_us": ts[3 * len(ts) // 4]}
-        )
-    return out[0], out[1]
 
 
 # ------------------------------------------------------------------------------------- models
@@ -118,10 +69,6 @@ def skip_fractions(mlp: SparseMLP, x: torch.Tensor) -> tuple[float, float, float
         1 - a_in.any(0).float().mean().item(),
         1 - a_h.any(0).float().mean().item(),
     )
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 # -------------------------------------------------------------------------------------- sweep
@@ -219,6 +166,53 @@ def sweep_fusion(args, T, mlp: SparseMLP, n_tok: int, out: dict) -> None:
         T.DOWN_CONFIG[key] = T.GatherConfig(*best["down"])
 
 
+def ratio_sweep(args, results: dict) -> None:
+    """Batch 1, the five-launch layer at ratio 0.5 and 0.7 over (gate/up, down) launch-config pairs:
+    does the best config move with the ratio (fewer rows per chunk at 0.7)?"""
+    from ds_core.kernels import triton_mlp as T
+
+    gus = [
+        (64, 32, 256, 2),
+        (64, 32, 512, 2),
+        (64, 32, 512, 4),
+        (128, 32, 512, 4),
+        (64, 64, 512, 4),
+        (32, 32, 256, 1),
+    ]
+    ds = [(64, 32, 128, 2), (64, 32, 256, 2), (64, 32, 256, 4), (128, 32, 256, 4)]
+    out = results.setdefault("ratio_sweep", {})
+    for ratio in (0.5, 0.7):
+        mlp = make_mlp("dynamic", ratio, "cuda", torch.bfloat16)
+        wgu_t, wd_t = mlp._transposed()
+        t = mlp.act_threshold
+        x = torch.randn(1, D_MODEL, device="cuda", dtype=torch.bfloat16)
+        ref = reference.dynamic_sparse_swiglu(x, *mlp._weights(), t[0], t[1])
+        rows = []
+        for gu in gus:
+            for d in ds:
+                cfgs = (T.GatherConfig(*gu, 1), T.GatherConfig(*d, 1))
+                try:
+                    with torch.no_grad():
+                        err = rel_err(T.dynamic_swiglu(x, wgu_t, wd_t, t[0], t[1], ratio, configs=cfgs), ref)
+                        call = partial(T.dynamic_swiglu, x, wgu_t, wd_t, t[0], t[1], ratio, configs=cfgs)
+                        r = time_gpu(call, args.sweep_reps * 2)
+                    rows.append({"gate_up": gu, "down": d, "rel_err": err, **r})
+                except Exception as e:
+                    rows.append({"gate_up": gu, "down": d, "error": str(e)[:200]})
+        ok = sorted(
+            (r for r in rows if "median_us" in r and r["rel_err"] < 2e-2), key=lambda r: r["median_us"]
+        )
+        out[str(ratio)] = rows
+        for r in ok[:3]:
+            print(
+                f"ratio {ratio}: gate_up {r['gate_up']} down {r['down']}: {r['median_us']:.1f} us", flush=True
+            )
+        default = [r for r in rows if r["gate_up"] == gus[0] and r["down"] == ds[0]]
+        if default and "median_us" in default[0]:
+            print(f"ratio {ratio}: default configs {default[0]['median_us']:.1f} us", flush=True)
+        save(args, results)
+
+
 def sweep(args, results: dict) -> None:
     """Time each row-gather GEMV alone (its row lists built beforehand) over launch configs at
     ratio 0.5; install the best per kernel and batch."""
@@ -269,8 +263,21 @@ def run_cases(args, results: dict) -> None:
                 dense_cache[n_tok] = timer(lambda: dense(x))
         return dense_cache[n_tok]
 
-    def case(name: str, mode: str, ratio: float, n_tok: int, target: float | None, **cfg_kw) -> None:
+    def case(
+        name: str,
+        mode: str,
+        ratio: float,
+        n_tok: int,
+        target: float | None,
+        fused: bool | None = None,
+        **cfg_kw,
+    ) -> None:
         try:
+            if fused is not None:  # the three-launch (fused epilogues) or five-launch row-gather layer
+                from ds_core.kernels import triton_mlp
+
+                saved_fused = dict(triton_mlp.FUSED)
+                triton_mlp.FUSED.update({1: fused, 16: fused})
             mlp = make_mlp(mode, ratio, dev, dtype, base)
             if cfg_kw:
                 mlp.sparsity = SparsityConfig(sparse_ratio=ratio, mode=mode, **cfg_kw)
@@ -323,10 +330,18 @@ def run_cases(args, results: dict) -> None:
         except Exception as e:
             rows.append({"case": name, "error": f"{type(e).__name__}: {e}"[:500]})
             traceback.print_exc()
+        finally:
+            if fused is not None:
+                triton_mlp.FUSED.update(saved_fused)
 
     for ratio, target in ((0.3, 1.30), (0.5, 1.80), (0.7, 2.70)):
         case(f"dynamic b1 r{ratio}", "dynamic", ratio, 1, target)
     case("ratio 0 b1 (dense module)", "dynamic", 0.0, 1, 1.0)
+    if dev == "cuda":  # the layer's other launch plans, same run (FUSED in kernels/triton_mlp.py)
+        for fused in (False, "cast", True):
+            for ratio in (0.3, 0.5, 0.7):
+                case(f"dynamic b1 r{ratio} fused={fused}", "dynamic", ratio, 1, None, fused=fused)
+            case(f"dynamic b4 r0.7 fused={fused}", "dynamic", 0.7, 4, None, fused=fused)
     for n_tok in (1, 16, 64):
         case(f"static b{n_tok} r0.3", "static", 0.3, n_tok, 1.25 if n_tok > 1 else None)
     if dev == "cuda":
@@ -349,17 +364,11 @@ def run_cases(args, results: dict) -> None:
 
 
 def save(args, results: dict) -> None:
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, args.out)
+    save_json(args.out, results)
 
 
 def bandwidth(results: dict) -> None:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    r = time_gpu(lambda: b.copy_(a), 20, graph=False)
-    results["copy_bw_TBs"] = 2 * a.numel() / (r["median_us"] * 1e-6) / 1e12
+    results["copy_bw_TBs"] = copy_bandwidth_GBs() / 1e3
     print(f"device-to-device copy: {results['copy_bw_TBs']:.2f} TB/s (read + write)", flush=True)
 
 
@@ -370,6 +379,7 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=200, help="timed repetitions per case (median reported)")
     p.add_argument("--sweep", action="store_true", help="tune the row-gather kernel launch configs first")
     p.add_argument("--sweep-reps", type=int, default=40)
+    p.add_argument("--ratio-sweep", action="store_true", help="time launch configs per ratio (batch 1) first")
     p.add_argument("--out", default="sparse_mlp.json", help="JSON results file")
     p.add_argument(
         "--profile-once", action="store_true", help="one layer call at batch 1, ratio 0.5 (for ncu)"
@@ -407,6 +417,8 @@ def main() -> int:
         if args.sweep:
             sweep(args, results)
             save(args, results)
+        if args.ratio_sweep:
+            ratio_sweep(args, results)
     else:
         results["threads"] = torch.get_num_threads()
     run_cases(args, results)

@@ -72,8 +72,8 @@ def selection(q, k, *, bs, q_start, frac=0.3, keep_blocks=None, causal=True, sin
 
 
 def skip_unless_runs(backend):
-    if backend == "triton" and not (torch.cuda.is_available() or triton_available("cpu")):
-        pytest.skip("triton kernels need a CUDA device or TRITON_INTERPRET=1")
+    if backend == "triton" and not triton_available("cpu"):  # these tests use CPU tensors
+        pytest.skip("triton kernels on CPU tensors need TRITON_INTERPRET=1")
 
 
 # ------------------------------------------------------------------ ratio 0 is dense attention

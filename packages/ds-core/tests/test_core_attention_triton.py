@@ -91,6 +91,30 @@ def test_decode_scores_and_selection_match_the_reference(Hkv, G, S, D, causal, d
     finite = torch.isfinite(scores)
     torch.testing.assert_close(got[finite], scores[finite], rtol=1e-5, atol=1e-5)
     assert torch.equal(ta.select_top_blocks(scores, int(counts[0])), idx)
+    # scores and selection fused in one launch (the decode path of sparse_attention)
+    assert torch.equal(ta.decode_top_blocks(q, pool_keys(k, 16), int(counts[0]), **geo), idx)
+    assert int(ta._ticket_buffer(q.device, 2, "select")[:2].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("n", [7, 300, 1024, 1500])  # 1500 > RADIX_MAX_BLOCKS: the bisection path
+@pytest.mark.parametrize("count", [1, 5, 64])
+def test_selection_of_long_rows_with_ties_equals_topk(n, count):
+    g = torch.Generator().manual_seed(n + count)
+    # few distinct values (many ties), negatives, zeros, and forced / hidden blocks
+    scores = torch.randint(-4, 5, (3, n), generator=g).float() * 0.25
+    scores[0, :2] = float("inf")
+    scores[1, -3:] = float("-inf")
+    count = min(count, n - 3)
+    want = scores.topk(count, dim=-1, sorted=False).indices  # ties: torch picks any; compare sets by value
+    got = ta.select_top_blocks(scores.to(DEVICE), count).cpu().long()
+    assert (got.diff(dim=-1) > 0).all()  # ascending, no repeats
+    assert torch.equal(scores.gather(1, got).sort(-1).values, scores.gather(1, want).sort(-1).values)
+    # ties go to the lower index: every kept value equal to the threshold precedes any dropped one
+    thr = scores.gather(1, got).min(-1, keepdim=True).values
+    kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, got, True)
+    for r in range(3):
+        tied = (scores[r] == thr[r]).nonzero().flatten()
+        assert kept[r, tied].long().diff().le(0).all()
 
 
 def test_selection_ties_go_to_the_lower_block():

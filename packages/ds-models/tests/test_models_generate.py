@@ -112,3 +112,16 @@ def test_gpu_decode_modes_match_eager(make_model, mode):
     model = make_model().cuda()
     prompts = [[3, 141, 59], [26, 5, 35, 89, 79]]
     assert generate(model, prompts, 16, mode=mode) == generate(model, prompts, 16, mode="eager")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["cuda-graph", "compile"])
+def test_gpu_dynamic_sparse_decode_modes_match_eager(make_model, mode):
+    # ds-core's row-gather kernels inside the captured step (the sparse models' decode path)
+    import ds_core
+
+    model = make_model(sparse_ratio=0.5, sparsity_mode="dynamic").cuda()
+    with ds_core.calibration(model), torch.no_grad():
+        model(torch.randint(0, model.config.vocab_size, (2, 48), device="cuda"))
+    prompts = [[3, 141, 59], [26, 5, 35, 89, 79]]
+    assert generate(model, prompts, 16, mode=mode) == generate(model, prompts, 16, mode="eager")

@@ -183,6 +183,12 @@ class SparseMLP(nn.Module):
             return (score - score.mean()).to(wg.dtype if wg.is_floating_point() else torch.float32)
 
     # -------------------------------------------------------------------------- dynamic mode
+    # Never traced by torch.compile: dynamo would capture the Triton launches into its graph and
+    # functionalize their in-place writes, but these kernels write through aliasing views of one
+    # buffer (sums, arrival counters) and choose kernels from host-side caches. As a graph break
+    # the layer runs as written (inside a captured CUDA graph it costs nothing per step). On an
+    # H100 the traced version decoded different tokens from eager on a float32 model.
+    @torch.compiler.disable
     def _dynamic_inference(self, x: Tensor, backend: str) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.d_model).contiguous()  # (B, d_model); no copy when already contiguous

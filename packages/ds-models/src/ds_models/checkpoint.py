@@ -145,8 +145,13 @@ def _state_items(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
 def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
-    for dist in ("ds-core", "ds-models", "torch", "safetensors"):
+    import ds_core
+    import ds_models
+
+    # our own packages by their __version__: they also run from a source tree (PYTHONPATH), where
+    # no distribution metadata exists
+    out = {"ds-core": ds_core.__version__, "ds-models": ds_models.__version__}
+    for dist in ("torch", "safetensors"):
         with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)
     return out

@@ -1,16 +1,17 @@
 """Triton kernels for adaptive block-sparse attention (semantics: ``reference_attention.py``).
 
-Decode (one query token over a KV cache of S keys) is memory bound and short; three launches:
+Decode (one query token over a KV cache of S keys) is memory bound and short; two launches:
 
 1. ``_decode_scores_kernel``: block scores ``sum_g q_g . pooled_k[j]`` for every key block of
    every GQA group, sinks and local window forced to +inf; reads only the pooled-key cache
-   (S / bs rows), in parallel over blocks.
-2. ``_select_kernel``: the exact top-``count`` of each row by bisection on order-preserving
-   integer keys (ties to the lower block), written as an ascending list of block indices.
-3. ``_decode_attn_kernel``: flash-decoding split over the kept blocks; all query heads of the
+   (S / bs rows), in parallel over blocks. The row's last program to finish (an atomic ticket)
+   then selects the exact top-``count`` by bisection on order-preserving integer keys (ties to
+   the lower block), written as an ascending list of block indices (``_select_row``; also a
+   launch of its own, ``_select_kernel``).
+2. ``_decode_attn_kernel``: flash-decoding split over the kept blocks; all query heads of the
    group are the M side of the dot, so each kept K/V block is read once per group, not once per
    head. Each program publishes a partial (max, sum, numerator); the row's last program to
-   finish (an atomic ticket) merges them, so there is no fourth launch.
+   finish (an atomic ticket) merges them, so there is no third launch.
 
 A single fused kernel (each program scoring and selecting its row itself) was measured slower
 on H100 (docs/benchmarks/ds-core.md): the per-program walk over the pooled row is serial and
@@ -59,8 +60,9 @@ def _decode_scores_kernel(
     s_qb, s_qh, s_qd,
     s_pb, s_ph, s_pn, s_pd,
     Hkv, n_pooled, n_blocks, qblock, sink_blocks, local_blocks,
+    IDX, TICKET, count,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, SELECT: tl.constexpr, NB: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)  # (batch, KV head): one GQA group
     b = row // Hkv
@@ -82,6 +84,14 @@ def _decode_scores_kernel(
     score = tl.where(forced & visible, float("inf"), score)
     score = tl.where(visible, score, float("-inf"))
     tl.store(OUT + row * n_blocks + j, score, mask=j < n_blocks)
+    if SELECT:
+        # the row's last program to finish selects its top `count` blocks (no second launch);
+        # the barrier + acq_rel ticket publish every program's scores first
+        tl.debug_barrier()
+        ticket = tl.atomic_add(TICKET + row, 1, sem="acq_rel")
+        if ticket == tl.num_programs(1) - 1:
+            _select_row(OUT, IDX, row, n_blocks, count, NB, True)
+            tl.atomic_xchg(TICKET + row, 0)  # ready for the next launch (and CUDA-graph replays)
 
 
 def decode_block_scores(
@@ -99,20 +109,58 @@ def decode_block_scores(
 
     Same values as ``reference_attention.block_scores`` for Tq = 1; reads only the pooled keys.
     """
+    return _decode_scores(
+        q, pooled_k, None, block_size, q_start, n_blocks, causal, sink_blocks, local_blocks, None
+    )[0]
+
+
+def decode_top_blocks(
+    q: Tensor,
+    pooled_k: Tensor,
+    count: int,
+    *,
+    block_size: int,
+    q_start: int,
+    n_blocks: int,
+    causal: bool,
+    sink_blocks: int,
+    local_blocks: int,
+    num_warps: int | None = None,
+) -> Tensor:
+    """Block scores and the top-``count`` selection in one launch: indices (B, Hkv, 1, count) int32.
+
+    The same set as ``select_top_blocks(decode_block_scores(...), count)``: the last program of
+    each row to finish its scores selects the row (an atomic ticket, as in the attention kernel).
+    """
+    if n_blocks > MAX_SELECT_BLOCKS:
+        raise DsCoreError(f"n_blocks: at most {MAX_SELECT_BLOCKS} blocks, got {n_blocks}")
+    return _decode_scores(
+        q, pooled_k, count, block_size, q_start, n_blocks, causal, sink_blocks, local_blocks, num_warps
+    )[1]
+
+
+def _decode_scores(
+    q, pooled_k, count, block_size, q_start, n_blocks, causal, sink_blocks, local_blocks, num_warps
+):
     B, Hq, _, D = q.shape
     Hkv = pooled_k.shape[1]
     G = Hq // Hkv
     out = torch.empty(B, Hkv, 1, n_blocks, device=q.device, dtype=torch.float32)
+    select = count is not None
+    idx = torch.empty(B, Hkv, 1, count if select else 1, device=q.device, dtype=torch.int32)
+    NB = max(16, triton.next_power_of_2(n_blocks))
     BLOCK_N = 64
     _decode_scores_kernel[(B * Hkv, triton.cdiv(n_blocks, BLOCK_N))](
         q, pooled_k, out,
         q.stride(0), q.stride(1), q.stride(3),
         pooled_k.stride(0), pooled_k.stride(1), pooled_k.stride(2), pooled_k.stride(3),
         Hkv, min(pooled_k.shape[2], n_blocks), n_blocks, q_start // block_size, sink_blocks, local_blocks,
+        idx, _ticket_buffer(q.device, B * Hkv, "select"), count if select else 1,
         G=G, G_PAD=triton.next_power_of_2(G), D=D, BLOCK_D=triton.next_power_of_2(D),
-        BLOCK_N=BLOCK_N, CAUSAL=causal, num_warps=4,
+        BLOCK_N=BLOCK_N, CAUSAL=causal, SELECT=select, NB=NB,
+        num_warps=num_warps or (_fused_select_warps(NB) if select else _select_warps(NB)),
     )  # fmt: skip
-    return out
+    return out, idx
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,14 +169,18 @@ def decode_block_scores(
 
 
 @triton.jit
-def _select_kernel(SC, IDX, n_blocks, count, NB: tl.constexpr):
-    row = tl.program_id(0)
+def _select_row(SC, IDX, row, n_blocks, count, NB: tl.constexpr, CG: tl.constexpr):
+    """Write the ``count`` largest of row ``row`` of SC (ties to the lower index) as ascending indices."""
     j = tl.arange(0, NB)
-    x = tl.load(SC + row * n_blocks + j, mask=j < n_blocks, other=float("-inf"))
+    if CG:  # written by other programs of this launch: read from L2, L1 may hold stale lines
+        x = tl.load(SC + row * n_blocks + j, mask=j < n_blocks, other=float("-inf"), cache_modifier=".cg")
+    else:
+        x = tl.load(SC + row * n_blocks + j, mask=j < n_blocks, other=float("-inf"))
     # float32 -> int key with the same order (flip the magnitude bits of negatives)
     bits = x.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
     # largest threshold t with #(key >= t) >= count: 32 steps of bisection over the int32 range
+    # (a radix-16 search, 8 steps over a (16, NB) tile, measured slower on H100: 15.3 vs 11.6 us)
     lo = tl.min(key, axis=0)
     hi = tl.max(key, axis=0)
     for _ in range(32):
@@ -144,6 +196,21 @@ def _select_kernel(SC, IDX, n_blocks, count, NB: tl.constexpr):
     tl.store(IDX + row * count + slot, j, mask=keep)
 
 
+@triton.jit
+def _select_kernel(SC, IDX, n_blocks, count, NB: tl.constexpr):
+    _select_row(SC, IDX, tl.program_id(0), n_blocks, count, NB, False)
+
+
+def _select_warps(NB: int) -> int:
+    return 4 if NB <= 2048 else 8
+
+
+def _fused_select_warps(NB: int) -> int:
+    # scores + selection in one launch: 8 warps measured 13.9 vs 16.4 us (4 warps) at 512 blocks
+    # and equal (15.9 / 15.7) at 1024 (H100, bf16, 8 rows)
+    return 8
+
+
 def select_top_blocks(scores: Tensor, count: int) -> Tensor:
     """Indices (rows..., count) int32 of the ``count`` largest scores of each row, ascending.
 
@@ -156,7 +223,7 @@ def select_top_blocks(scores: Tensor, count: int) -> Tensor:
     rows = scores.reshape(-1, n)
     out = torch.empty(*lead, count, device=scores.device, dtype=torch.int32)
     NB = max(16, triton.next_power_of_2(n))
-    _select_kernel[(rows.shape[0],)](rows, out, n, count, NB=NB, num_warps=4 if NB <= 2048 else 8)
+    _select_kernel[(rows.shape[0],)](rows, out, n, count, NB=NB, num_warps=_select_warps(NB))
     return out
 
 
@@ -170,7 +237,11 @@ def _merge_splits(
     OP, ML, Out, row, b, h, s_ob, s_oh, s_od,
     G, G_PAD: tl.constexpr, D, BLOCK_D: tl.constexpr, N_SPLITS: tl.constexpr,
 ):  # fmt: skip
-    """Combine the row's per-split (max, sum, numerator) into the output (flash-decoding)."""
+    """Combine the row's per-split (max, sum, numerator) into the output (flash-decoding).
+
+    A running merge; loading every split's (max, sum) at once and the numerators in an unrolled
+    loop measured slower on H100 (attention kernel 20.1 vs 16.9 us at 32k).
+    """
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, BLOCK_D)
     m_run = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -256,14 +327,15 @@ def _decode_attn_kernel(
         tl.atomic_xchg(TICKET + row, 0)  # ready for the next launch (and CUDA-graph replays)
 
 
-_tickets: dict[torch.device, Tensor] = {}
+_tickets: dict[tuple[torch.device, str], Tensor] = {}
 
 
-def _ticket_buffer(device: torch.device, rows: int) -> Tensor:
-    buf = _tickets.get(device)
+def _ticket_buffer(device: torch.device, rows: int, kind: str = "attn") -> Tensor:
+    """Zeroed int32 counters, one per row, that each kernel resets after use (graph-replay safe)."""
+    buf = _tickets.get((device, kind))
     if buf is None or buf.numel() < rows:
         buf = torch.zeros(max(rows, 1024), device=device, dtype=torch.int32)
-        _tickets[device] = buf
+        _tickets[(device, kind)] = buf
     return buf
 
 
@@ -278,7 +350,7 @@ def block_sparse_decode(
     causal: bool = True,
     n_splits: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
 ) -> Tensor:
     """Attention of one query token (q (B, Hq, 1, D)) over the kept blocks ``indices``.
 
@@ -293,6 +365,12 @@ def block_sparse_decode(
         idx = idx.contiguous()
     if n_splits is None:  # about two waves of programs, at least one block each
         n_splits = max(1, min(count, triton.cdiv(2 * _num_sms(q.device), rows)))
+        if block_size <= 64:
+            # small blocks: four per program, three stages deep (H100, 32 blocks of 64 keys, 8
+            # rows: 14.9 us against 16.9 us for one block per program; 128-key blocks keep one)
+            n_splits = max(1, min(n_splits, count // 4))
+    if num_stages is None:
+        num_stages = 3 if block_size <= 64 else 2
     per_split = triton.cdiv(count, n_splits)
     n_splits = triton.cdiv(count, per_split)
     G_PAD, BLOCK_D = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(D))
@@ -545,8 +623,7 @@ def sparse_attention_triton(
         local_blocks=local_blocks,
     )
     if q.shape[2] == 1 and n_blocks <= MAX_SELECT_BLOCKS:
-        scores = decode_block_scores(q, pooled_k, **geometry)
-        indices = select_top_blocks(scores, int(counts[0]))
+        indices = decode_top_blocks(q, pooled_k, int(counts[0]), **geometry)
         return block_sparse_decode(q, k, v, indices, block_size=block_size, q_start=q_start, causal=causal)
     scores = block_scores(q, pooled_k, **geometry)
     indices = select_blocks(scores, counts)

@@ -51,15 +51,33 @@ class GatherConfig:
 # (4096 x 11008 bf16, ratio 0.5; flat within ~10% across the good configs).
 GATE_UP_CONFIG = {1: GatherConfig(64, 32, 256, 2, 1), 16: GatherConfig(64, 32, 128, 2, 1)}
 DOWN_CONFIG = {1: GatherConfig(64, 32, 128, 2, 1), 16: GatherConfig(64, 32, 128, 2, 1)}
-# Fuse h / the down row list into the gate+up GEMV and the output cast into the down GEMV. Off:
-# on the H100 the fused layer was slower (75.5 vs 71.1 us at batch 1, ratio 0.5), because the
-# down projection's chunk must then equal the gate/up block width (64 rows), which multiplies
-# the down programs and their atomic adds; the saved launches did not pay for that.
+# Fuse h / the down row list into the gate+up GEMV and the output cast into the down GEMV (three
+# launches instead of five). Off: slower on the H100 both ways it was built. v4 (down chunk = the
+# gate/up block width, 64 rows): 75.5 vs 71.1 us at batch 1, ratio 0.5. v5 (the gate/up epilogue
+# finishes groups of k_split columns, so the down kernel keeps its 128-row chunk): 87.1 / 67.8 /
+# 45.9 us against 85.2 / 66.4 / 45.3 unfused at ratio 0.3 / 0.5 / 0.7 (fused="cast", only the
+# down epilogue: 86.3 / 67.5 / 45.9) - the per-program arrival atomics and the serial tail of
+# the last-arriving programs cost more than the launches they save inside a CUDA graph.
 FUSED = {1: False, 16: False}
+
+
+# Batch 1 at high ratios: each row chunk holds few active rows, so longer chunks (fewer programs,
+# fewer atomic adds) win. H100, ratio 0.7, whole layer: 45.0 us against 46.8 us with the
+# defaults above (same run); at ratio 0.5 the defaults stay best (65.8 vs 66.6 us).
+HIGH_RATIO = 0.6
+GATE_UP_CONFIG_HIGH_RATIO = GatherConfig(64, 32, 512, 2, 1)
+DOWN_CONFIG_HIGH_RATIO = GatherConfig(64, 32, 256, 2, 1)
 
 
 def _pick(table: dict[int, GatherConfig], n_tok: int) -> GatherConfig:
     return table[1] if n_tok == 1 else table[16]
+
+
+def _pick_layer(n_tok: int, ratio: float) -> tuple[GatherConfig, GatherConfig]:
+    """(gate/up, down) launch configs of the row-gather layer for this batch and ratio."""
+    if n_tok == 1 and ratio >= HIGH_RATIO:
+        return GATE_UP_CONFIG_HIGH_RATIO, DOWN_CONFIG_HIGH_RATIO
+    return _pick(GATE_UP_CONFIG, n_tok), _pick(DOWN_CONFIG, n_tok)
 
 
 @triton.jit
@@ -88,7 +106,7 @@ def _compact_kernel(
             tl.store(h_ptr + offs_b[:, None] * stride_hb + offs_k[None, :], x, mask=m)
         else:
             x = tl.load(x_ptr + off, mask=m, other=0.0)
-        t = tl.load(t_ptr + offs_b * stride_t, mask=b_ok, other=float("inf"))
+        t = tl.load(t_ptr + offs_b * stride_t, mask=b_ok, other=float("inf")).to(tl.float32)
         active = (tl.abs(x.to(tl.float32)) > t[:, None]) & m
         need = tl.maximum(need, tl.max(active.to(tl.int32), axis=0))
     pos = tl.cumsum(need, axis=0) - 1
@@ -156,7 +174,7 @@ def _gather_gemv_kernel(
     ctr_ptr, e_out_ptr, e_idx_ptr, e_cnt_ptr, e_t_ptr, e_b1_ptr, e_b2_ptr, stride_et, stride_eo, n_chunks,
     DTYPE: tl.constexpr, IEEE: tl.constexpr, TWO_W: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr,
-    PREFETCH: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PREFETCH: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, E_CHUNK: tl.constexpr,
 ):  # fmt: skip
     # out[b, n] += sum over the listed rows k of chunk pid_c of sparsify(x)[b, k] * w[k, n];
     # with TWO_W also out2 from the matrix at w + w2_offset (gate and up share rows and mask).
@@ -168,7 +186,7 @@ def _gather_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     b_ok = offs_b < B
     n_ok = offs_n < N
-    t = tl.load(t_ptr + offs_b * stride_t, mask=b_ok, other=float("inf"))
+    t = tl.load(t_ptr + offs_b * stride_t, mask=b_ok, other=float("inf")).to(tl.float32)
     cnt = tl.load(cnt_ptr + pid_c)
     idx_ptr += pid_c * CHUNK
     acc = tl.zeros((BLOCK_K, BLOCK_N) if BLOCK_B == 1 else (BLOCK_B, BLOCK_N), dtype=tl.float32)
@@ -205,30 +223,45 @@ def _gather_gemv_kernel(
         if TWO_W:
             tl.atomic_add(out2_ptr + out, acc2, mask=out_mask, sem="relaxed")
     if EPILOGUE != 0:
-        # The last program to finish an output block (one per reduction chunk arrive; a counter
-        # per block, zeroed by the compaction kernel) finishes it, saving a launch:
-        # EPILOGUE 1 (gate/up): h = silu(g) * u, and the row list of the down projection;
-        # EPILOGUE 2 (down): cast the float32 sums to the output dtype (+ bias).
+        # The last program to finish a group of output columns (a counter per group, zeroed by the
+        # compaction kernel) finishes the group, saving a launch:
+        # EPILOGUE 1 (gate/up): h = silu(g) * u over E_CHUNK columns (E_CHUNK / BLOCK_N output
+        #   blocks, so the down projection keeps its own, larger row chunk) and their row list;
+        # EPILOGUE 2 (down): cast the float32 sums of one output block to the output dtype (+ bias).
         tl.debug_barrier()  # every thread's atomics are issued before the release below
-        if tl.atomic_add(ctr_ptr + pid_n, 1, sem="acq_rel") == n_chunks - 1:
-            e_off = offs_b[:, None] * stride_eo + offs_n[None, :]
-            y = tl.load(out_ptr + out, mask=out_mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                y += tl.load(e_b1_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if EPILOGUE == 1:
+            per_grp: tl.constexpr = E_CHUNK // BLOCK_N
+            grp = pid_n // per_grp
+            arrivals = n_chunks * tl.minimum(per_grp, tl.cdiv(N, BLOCK_N) - grp * per_grp)
+        else:
+            grp = pid_n
+            arrivals = n_chunks
+        if tl.atomic_add(ctr_ptr + grp, 1, sem="acq_rel") == arrivals - 1:
             if EPILOGUE == 1:
-                u = tl.load(out2_ptr + out, mask=out_mask, other=0.0, cache_modifier=".cg")
+                offs_e = grp * E_CHUNK + tl.arange(0, E_CHUNK)
+                e_ok = offs_e < N
+                e_mask = b_ok[:, None] & e_ok[None, :]
+                src = offs_b[:, None] * stride_ob + offs_e[None, :]
+                # .cg: the other programs' sums are in L2; L1 may hold stale lines
+                g = tl.load(out_ptr + src, mask=e_mask, other=0.0, cache_modifier=".cg")
+                u = tl.load(out2_ptr + src, mask=e_mask, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
-                    u += tl.load(e_b2_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-                g = y.to(DTYPE).to(tl.float32)
+                    g += tl.load(e_b1_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+                    u += tl.load(e_b2_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+                g = g.to(DTYPE).to(tl.float32)
                 u = u.to(DTYPE).to(tl.float32)
                 h = ((g * tl.sigmoid(g)).to(DTYPE).to(tl.float32) * u).to(DTYPE)
-                tl.store(e_out_ptr + e_off, h, mask=out_mask)
-                th = tl.load(e_t_ptr + offs_b * stride_et, mask=b_ok, other=float("inf"))
-                active = (tl.abs(h.to(tl.float32)) > th[:, None]) & out_mask
-                need = tl.max(active.to(tl.int32), axis=0)  # (BN,)
-                tl.store(e_idx_ptr + pid_n * BLOCK_N + tl.cumsum(need, axis=0) - 1, offs_n, mask=need > 0)
-                tl.store(e_cnt_ptr + pid_n, tl.sum(need, axis=0))
+                tl.store(e_out_ptr + offs_b[:, None] * stride_eo + offs_e[None, :], h, mask=e_mask)
+                th = tl.load(e_t_ptr + offs_b * stride_et, mask=b_ok, other=float("inf")).to(tl.float32)
+                active = (tl.abs(h.to(tl.float32)) > th[:, None]) & e_mask
+                need = tl.max(active.to(tl.int32), axis=0)  # (E_CHUNK,)
+                tl.store(e_idx_ptr + grp * E_CHUNK + tl.cumsum(need, axis=0) - 1, offs_e, mask=need > 0)
+                tl.store(e_cnt_ptr + grp, tl.sum(need, axis=0))
             else:
+                y = tl.load(out_ptr + out, mask=out_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    y += tl.load(e_b1_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                e_off = offs_b[:, None] * stride_eo + offs_n[None, :]
                 tl.store(e_out_ptr + e_off, y.to(DTYPE), mask=out_mask)
 
 
@@ -246,7 +279,7 @@ def _sparsify_kernel(
         g = x.to(tl.float32)
         u = tl.load(u_ptr + row * stride_xb + offs, mask=ok, other=0.0).to(tl.float32)
         x = ((g * tl.sigmoid(g)).to(DTYPE).to(tl.float32) * u).to(DTYPE)
-    t = tl.load(t_ptr + row * stride_t)
+    t = tl.load(t_ptr + row * stride_t).to(tl.float32)
     out = tl.where(tl.abs(x.to(tl.float32)) > t, x, 0.0).to(DTYPE)
     tl.store(out_ptr + row * stride_ob + offs, out, mask=ok)
 
@@ -268,8 +301,13 @@ def _check(name: str, t: Tensor, ndim: int, ref: Tensor | None = None) -> None:
 
 
 def _threshold_vector(t: Tensor | float, n_tok: int, like: Tensor, name: str) -> tuple[Tensor, int]:
-    """A threshold as (float32 tensor, stride per token): one value (stride 0) or one per token."""
-    t = torch.as_tensor(t, device=like.device, dtype=torch.float32)
+    """A threshold as (tensor, stride per token): one value (stride 0) or one per token.
+
+    A floating-point tensor already on the device is passed as it is (the kernels widen it to
+    float32 as they load it): a module's bf16 threshold buffer then costs no cast kernel per call.
+    """
+    if not (isinstance(t, Tensor) and t.device == like.device and t.dtype in _TL_DTYPES):
+        t = torch.as_tensor(t, device=like.device, dtype=torch.float32)
     if t.numel() == 1:
         return t.reshape(1), 0
     if t.numel() != n_tok:
@@ -312,11 +350,12 @@ def _gemv(
     out2: Tensor | None, cfg: GatherConfig, chunk: int | None = None, epilogue: int = 0, counters: Tensor | None = None,
     e_out: Tensor | None = None, e_idx: Tensor | None = None, e_cnt: Tensor | None = None,
     e_t: Tensor | None = None, stride_et: int = 0, e_b1: Tensor | None = None, e_b2: Tensor | None = None,
+    e_chunk: int | None = None,
 ) -> None:  # fmt: skip
     """Launch _gather_gemv_kernel over the compacted row lists (out, out2 float32, zeroed).
 
-    ``epilogue`` 1 / 2 finishes the blocks in the kernel (see the kernel); ``counters`` (int32,
-    zeroed, one per output block) then counts the chunks done.
+    ``epilogue`` 1 / 2 finishes the outputs in the kernel (see the kernel); ``counters`` (int32,
+    zeroed, one per group of ``e_chunk`` columns for 1, per output block for 2) count the arrivals.
     """
     n_tok = x.shape[0]
     bb = _block_b(n_tok)
@@ -333,7 +372,8 @@ def _gemv(
         0 if e_out is None else e_out.stride(0), cnt.numel(),
         DTYPE=_TL_DTYPES[x.dtype], IEEE=x.dtype == torch.float32, TWO_W=out2 is not None, BLOCK_B=bb,
         BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, CHUNK=chunk or cfg.k_split, EVEN_N=n % cfg.block_n == 0,
-        PREFETCH=cfg.num_stages >= 2, EPILOGUE=epilogue, HAS_BIAS=e_b1 is not None, num_warps=cfg.num_warps,
+        PREFETCH=cfg.num_stages >= 2, EPILOGUE=epilogue, HAS_BIAS=e_b1 is not None,
+        E_CHUNK=e_chunk or cfg.block_n, num_warps=cfg.num_warps,
     )  # fmt: skip
 
 
@@ -365,18 +405,18 @@ def dynamic_swiglu(
     b_up: Tensor | None = None,
     b_down: Tensor | None = None,
     configs: tuple[GatherConfig, GatherConfig] | None = None,
-    fused: bool | None = None,
+    fused: bool | str | None = None,
 ) -> Tensor:
     """Dynamic sparse SwiGLU on the row-gather kernels; x (B, d_model) -> (B, d_model) in x's dtype.
 
     ``wgu_t`` (d_model, 2 d_ff) = [W_gate^T | W_up^T], ``wd_t`` (d_ff, d_model). ``t_hidden=None``
     means per-token top-k on the hidden activations (an uncalibrated module; slower).
 
-    Fused (the default for up to 16 tokens with calibrated thresholds): three launches, compact x
-    (and zero the sums) / gate+up GEMV whose last program per block forms h and the down row list
-    / down GEMV whose last program per block writes the output. The down projection's row chunk
-    is then the gate/up block width. Unfused: five launches, compact x / gate+up / compact h /
-    down / cast.
+    Fused (``fused=True``; off by default, see FUSED; calibrated thresholds, <= 16 tokens): three
+    launches, compact x (and zero the sums) / gate+up GEMV whose last program per group of
+    ``cfg_d.k_split`` hidden columns forms h there and the down projection's row list / down GEMV
+    whose last program per output block writes the output. Unfused: five launches, compact x / gate+up / compact h /
+    down / cast. ``fused="cast"``: four, the unfused path with the cast in the down GEMV.
     """
     _check("x", x, 2)
     _check("wgu_t", wgu_t, 2, x)
@@ -387,14 +427,18 @@ def dynamic_swiglu(
             f"wgu_t, wd_t: expected shapes ({d_model}, {2 * d_ff}) and ({d_ff}, {d_model}), "
             f"got {tuple(wgu_t.shape)} and {tuple(wd_t.shape)}"
         )
-    cfg_gu, cfg_d = configs or (_pick(GATE_UP_CONFIG, n_tok), _pick(DOWN_CONFIG, n_tok))
+    cfg_gu, cfg_d = configs or _pick_layer(n_tok, ratio)
     if fused is None:
         fused = FUSED[1 if n_tok == 1 else 16]
-    fused = fused and t_hidden is not None and n_tok <= 16
+    cast_in_kernel = fused == "cast" and n_tok <= 16
+    fused = fused is True and t_hidden is not None and n_tok <= 16
     t, stride_t = _threshold_vector(t_in, n_tok, x, "t_in")
-    n_blk_gu, n_blk_d = triton.cdiv(d_ff, cfg_gu.block_n), triton.cdiv(d_model, cfg_d.block_n)
-    # one float32 buffer, zeroed by the first kernel: g | u | y | block counters (int32 zeros)
-    acc = torch.empty(n_tok * (2 * d_ff + d_model) + n_blk_gu + n_blk_d, device=x.device, dtype=torch.float32)
+    # the down projection's row chunk = the gate/up epilogue's column group (a whole number of
+    # gate/up output blocks; otherwise one block, the chunk the down kernel then runs with)
+    e_chunk = cfg_d.k_split if cfg_d.k_split % cfg_gu.block_n == 0 else cfg_gu.block_n
+    n_grp, n_blk_d = triton.cdiv(d_ff, e_chunk), triton.cdiv(d_model, cfg_d.block_n)
+    # one float32 buffer, zeroed by the first kernel: g | u | y | arrival counters (int32 zeros)
+    acc = torch.empty(n_tok * (2 * d_ff + d_model) + n_grp + n_blk_d, device=x.device, dtype=torch.float32)
     g = acc[: n_tok * d_ff].view(n_tok, d_ff)
     u = acc[n_tok * d_ff : 2 * n_tok * d_ff].view(n_tok, d_ff)
     y = acc[2 * n_tok * d_ff : n_tok * (2 * d_ff + d_model)].view(n_tok, d_model)
@@ -403,16 +447,17 @@ def dynamic_swiglu(
     if fused:
         th, stride_th = _threshold_vector(t_hidden, n_tok, x, "t_hidden")
         h = torch.empty(n_tok, d_ff, device=x.device, dtype=x.dtype)
-        idx_h = torch.empty(n_blk_gu * cfg_gu.block_n, device=x.device, dtype=torch.int32)
-        cnt_h = torch.empty(n_blk_gu, device=x.device, dtype=torch.int32)
+        idx_h = torch.empty(n_grp * e_chunk, device=x.device, dtype=torch.int32)
+        cnt_h = torch.empty(n_grp, device=x.device, dtype=torch.int32)
         _gemv(
-            x, t, stride_t, idx, cnt, wgu_t, d_ff, g, u, cfg_gu, epilogue=1, counters=counters[:n_blk_gu],
+            x, t, stride_t, idx, cnt, wgu_t, d_ff, g, u, cfg_gu, epilogue=1, counters=counters[:n_grp],
             e_out=h, e_idx=idx_h, e_cnt=cnt_h, e_t=th, stride_et=stride_th, e_b1=b_gate, e_b2=b_up,
+            e_chunk=e_chunk,
         )  # fmt: skip
         out = torch.empty(n_tok, d_model, device=x.device, dtype=x.dtype)
         _gemv(
-            h, th, stride_th, idx_h, cnt_h, wd_t, d_model, y, None, cfg_d, chunk=cfg_gu.block_n, epilogue=2,
-            counters=counters[n_blk_gu:], e_out=out, e_b1=b_down,
+            h, th, stride_th, idx_h, cnt_h, wd_t, d_model, y, None, cfg_d, chunk=e_chunk, epilogue=2,
+            counters=counters[n_grp:], e_out=out, e_b1=b_down,
         )  # fmt: skip
         return out
     _gemv(x, t, stride_t, idx, cnt, wgu_t, d_ff, g, u, cfg_gu)
@@ -426,6 +471,13 @@ def dynamic_swiglu(
         th, stride_th = _threshold_vector(t_hidden, n_tok, x, "t_hidden")
         h = torch.empty(n_tok, d_ff, device=x.device, dtype=x.dtype)
         idx_h, cnt_h = _compact(g, th, stride_th, cfg_d.k_split, acc[:0], u=u, h=h)
+        if cast_in_kernel:  # the down GEMV's last program per output block writes the output
+            out = torch.empty(n_tok, d_model, device=x.device, dtype=x.dtype)
+            _gemv(
+                h, th, stride_th, idx_h, cnt_h, wd_t, d_model, y, None, cfg_d, epilogue=2,
+                counters=counters[n_grp:], e_out=out, e_b1=b_down,
+            )  # fmt: skip
+            return out
         _gemv(h, th, stride_th, idx_h, cnt_h, wd_t, d_model, y, None, cfg_d)
     out = y.to(x.dtype)
     return out if b_down is None else out + b_down
