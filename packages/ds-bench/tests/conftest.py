@@ -10,6 +10,10 @@ import torch
 
 from ds_models import ModelConfig, Transformer
 
+# One intra-op thread: on a shared 2-core CI machine, two OpenMP threads wait on each other whenever
+# another process holds a core, and a millisecond forward of ds-tiny turns into hundreds of ms.
+torch.set_num_threads(1)
+
 TEXTS = [
     "the cat sat on the mat and the dog sat on the log.",
     "a quick brown fox jumps over the lazy dog near the river bank.",

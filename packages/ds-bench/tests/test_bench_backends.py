@@ -69,8 +69,9 @@ def test_fast_path_gives_the_eager_tokens(torch_backend, varied_dir):
 
 @needs_quant
 def test_onnx_backend_matches_torch(torch_backend, onnx_dir):
-    onnx = make_backend("onnx")
+    onnx = make_backend("onnx", threads=1)
     onnx.load(onnx_dir)
+    assert onnx.describe()["threads"] == 1 and onnx.describe()["providers"] == ["CPUExecutionProvider"]
     np.testing.assert_allclose(
         onnx.logits(PROMPTS[0]), torch_backend.logits(PROMPTS[0]), atol=1e-4, rtol=1e-4
     )
@@ -107,6 +108,8 @@ def test_bad_input_raises_bench_error(tmp_path, varied_dir):
         make_backend("tensorrt")
     with pytest.raises(BenchError, match="--dtype"):
         make_backend("torch", dtype="fp8")
+    with pytest.raises(BenchError, match="--threads: expected a positive integer, got 0"):
+        make_backend("torch", threads=0)
     with pytest.raises(BenchError, match=r"no model\.onnx"):
         make_backend("onnx").load(varied_dir)
     bad = tmp_path / "bad"

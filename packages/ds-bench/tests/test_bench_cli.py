@@ -50,6 +50,7 @@ def test_run_writes_a_complete_result(results, tiny_dir):
     assert r["device"]["type"] == "cpu" and r["device"]["name"]
     assert {"ds-bench", "ds-models", "torch", "mlcommons-loadgen", "python"} <= set(r["versions"])
     assert r["seed"] == 0 and r["valid"] is True and r["loadgen"]["result"] == "VALID"
+    assert r["backend"]["threads"] == __import__("torch").get_num_threads()  # what the run used
     assert set(r["metrics"]) == set(METRICS)
     for name, entry in r["metrics"].items():
         assert entry["unit"] == METRICS[name].unit
@@ -101,6 +102,22 @@ def test_compare_prints_the_table_and_writes_charts(results, tmp_path, capsys):
     for png in ("latency_distribution.png", "throughput_vs_batch.png", "accuracy_vs_size.png"):
         data = (tmp_path / "charts" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+
+
+def test_compare_rows_layout_has_one_row_per_result(results, capsys):
+    assert main(["compare", *map(str, results), "--layout", "rows"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head[:6] == ["model", "backend", "precision", "scenario", "bs", "LoadGen"] and len(lines) == 2 + 2
+    for line, path in zip(lines[2:], results):
+        cells = dict(zip(head, (c.strip() for c in line.strip("|").split("|"))))
+        r = load_result(path)
+        assert (cells["bs"], cells["LoadGen"]) == (str(r["settings"]["batch_size"]), "VALID")
+        tps = r["metrics"]["tokens_per_s"]["value"]
+        assert float(cells["tok/s"]) == pytest.approx(tps, rel=1e-2)
+        host = r["metrics"]["peak_memory"]["value"]["host"]
+        assert float(cells["host MiB"]) == pytest.approx(host, rel=1e-2)
+        assert cells["dev MiB"] == "n/a" and cells["J/sample"] == "n/a"  # CPU: no device, no counter
 
 
 def test_export_optimum_report(results, tmp_path):
@@ -163,6 +180,13 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, tiny_dir, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err.startswith("ds-bench: error: ") and "\n" not in err
     assert message.format(tmp=tmp_path) in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present here")
+def test_cuda_device_without_a_gpu_is_bad_input(tiny_dir, capsys):
+    assert main(["run", "--model", str(tiny_dir), "--device", "cuda:0", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "ds-bench: error: --device: cuda:0: no such CUDA device here (0 visible)"
 
 
 def test_entry_point_bad_input_has_no_traceback(tmp_path):

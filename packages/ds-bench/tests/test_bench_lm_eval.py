@@ -40,16 +40,18 @@ def direct_logprob(model_dir: Path, text: str) -> float:
     return float(logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum())
 
 
-def test_perplexity_task_equals_direct_computation(varied_dir, task_dir):
-    from lm_eval.tasks import TaskManager
+def test_perplexity_task_equals_direct_computation(varied_dir, task_dir, tmp_path, capsys):
+    from ds_bench.cli import main
 
-    from ds_bench.lm_eval_model import DsLM
-
-    lm = DsLM(path=str(varied_dir), backend="torch")
-    out = lm_eval.simple_evaluate(
-        model=lm, tasks=["ds_bench_ppl"], task_manager=TaskManager(include_path=str(task_dir))
-    )
-    got = out["results"]["ds_bench_ppl"]
+    out = tmp_path / "lm-eval.json"
+    argv = ["lm-eval", "--model", str(varied_dir), "--tasks", "ds_bench_ppl", "--include-path", str(task_dir),
+            "--only-include-path"]  # fmt: skip
+    assert main([*argv, "--out", str(out)]) == 0
+    got = json.loads(out.read_text())["results"]["ds_bench_ppl"]
+    # A task the harness does not know: one line, exit 2.
+    capsys.readouterr()
+    assert main([*argv[:3], "--tasks", "ds_bench_nope", *argv[5:]]) == 2
+    assert capsys.readouterr().err.strip() == "ds-bench: error: --tasks: unknown task 'ds_bench_nope'"
 
     docs = [json.loads(line)["text"] for line in (DATA / "ds_bench_ppl.jsonl").read_text().splitlines()]
     logprob = sum(direct_logprob(varied_dir, d) for d in docs)

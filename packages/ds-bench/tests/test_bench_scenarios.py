@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,13 @@ from ds_bench.backends import Backend, make_backend
 from ds_bench.errors import BenchError
 from ds_bench.result import records
 from ds_bench.runner import RunConfig, run
-from ds_bench.scenarios import ScenarioSettings, parse_loadgen_logs, run_scenario
+from ds_bench.scenarios import (
+    ScenarioSettings,
+    early_stopping_min_passing,
+    early_stopping_queries,
+    parse_loadgen_logs,
+    run_scenario,
+)
 
 pytest.importorskip("mlperf_loadgen")
 
@@ -24,19 +31,17 @@ def short(model: Path, scenario: str, **kw) -> RunConfig:
     return RunConfig(**settings)
 
 
-@pytest.mark.parametrize(
-    ("scenario", "extra"),
-    [
-        ("singlestream", {}),
-        # Generous targets and a modest rate: the point is a VALID run on a shared 2-core machine.
-        ("server", dict(target_qps=25.0, target_ttft_ms=5000.0, target_tpot_ms=2000.0)),
-        ("offline", {}),
-    ],
-)
-def test_loadgen_run_is_valid(tiny_dir, tmp_path, scenario, extra):
-    result = run(short(tiny_dir, scenario, **extra), log_dir=tmp_path / "lg")
+@pytest.mark.parametrize("scenario", ["singlestream", "server", "offline"])
+def test_loadgen_run_is_valid(tiny_dir, tmp_path, scenario):
+    # Every LoadGen setting at its default: query counts from early stopping, and for the server the
+    # rate and the TTFT / TPOT targets from the calibration. VALID by design, not by generous flags.
+    # Server: 8 tokens per request, so that TPOT averages over 7 steps and a millisecond model's TPOT is
+    # not decided by one scheduler hiccup of this shared 2-core machine.
+    result = run(
+        short(tiny_dir, scenario, gen_tokens=8 if scenario == "server" else 4), log_dir=tmp_path / "lg"
+    )
     lg = result["loadgen"]
-    assert result["valid"] is True and lg["result"] == "VALID", lg["summary"]
+    assert result["valid"] is True and lg["result"] == "VALID", (lg["detail"], result["calibration"])
     assert lg["detail"]["result_validity"] == "VALID"
     assert (
         lg["detail"]["effective_scenario"]
@@ -48,12 +53,74 @@ def test_loadgen_run_is_valid(tiny_dir, tmp_path, scenario, extra):
     if scenario == "offline":
         assert len(reqs) == lg["detail"]["effective_samples_per_query"]
     else:
-        assert len(reqs) == lg["detail"]["result_query_count"] >= 64
-    assert all(r.tokens == 4 for r in reqs)
+        need = early_stopping_queries(scenario, 0.9)  # 64 (singlestream), 113 (server)
+        assert lg["detail"]["effective_min_query_count"] == need
+        assert len(reqs) == lg["detail"]["result_query_count"] >= need
+    assert all(r.tokens == result["settings"]["gen_tokens"] for r in reqs)
     assert result["metrics"]["latency_p99"]["value"] >= result["metrics"]["latency_p50"]["value"] > 0
     if scenario == "server":
+        assert lg["detail"]["early_stopping_met"] is True
         assert result["metrics"]["goodput"]["value"] > 0  # judged by the server's targets
-        assert lg["detail"]["effective_target_qps"] == pytest.approx(25.0)
+        cal = result["calibration"]
+        assert lg["detail"]["effective_target_qps"] == pytest.approx(
+            0.35 / cal["single_request_median_s"], rel=1e-2
+        )
+        assert result["targets"]["ttft"] == pytest.approx(5 * cal["batch_median_s"])
+
+
+def test_early_stopping_counts_are_loadgens():
+    # LoadGen's own numbers (early_stopping.cc / results.cc): 44 queries pass p90 with none over
+    # latency, 459 at p99; SingleStream needs h(1) + 1 = 64 (p90) and 662 (p99).
+    assert early_stopping_min_passing(0, 0.9) == 44 and early_stopping_min_passing(0, 0.99) == 459
+    assert early_stopping_queries("singlestream", 0.9) == 64
+    assert early_stopping_queries("singlestream", 0.99) == 662
+    assert [early_stopping_min_passing(t, 0.9) + t for t in range(5)] == [44, 64, 81, 97, 113]
+    assert early_stopping_queries("server", 0.9) == 113 and early_stopping_queries("offline", 0.9) == 1
+    assert ScenarioSettings("server", latency_percentile=0.95).min_query_count == 229
+    assert ScenarioSettings("server", min_query_count=10).min_query_count == 10
+
+
+class Sleepy(Backend):
+    """One token per request in `fast` seconds; the `slow_call`-th request takes `slow` seconds."""
+
+    name = "sleepy"
+
+    def __init__(self, fast: float, slow: float, slow_call: int) -> None:
+        super().__init__()
+        self.fast, self.slow, self.slow_call, self.calls = fast, slow, slow_call, 0
+
+    def load(self, model_dir):
+        pass
+
+    def generate(self, prompts, max_new_tokens, on_step):
+        self.calls += 1
+        time.sleep(self.slow if self.calls == self.slow_call else self.fast)
+        for i in range(max_new_tokens):
+            on_step(i, [0] * len(prompts), time.perf_counter())
+
+    def logits(self, ids):
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("min_queries", [30, 200])
+def test_server_early_stopping_verdict_matches_loadgen(tmp_path, min_queries):
+    # One slow request (and whatever queues behind it) goes over the 50 ms target: t >= 1 over-latency
+    # queries. LoadGen's early-stopping verdict, and how many more queries it asks for, must be our rule.
+    settings = ScenarioSettings(
+        "server", gen_tokens=1, batch_size=1, min_duration=0.1, min_query_count=min_queries,
+        target_qps=100.0, target_latency=0.05,
+    )  # fmt: skip
+    out = run_scenario(Sleepy(fast=0.001, slow=0.12, slow_call=5), [[1, 2]], settings, tmp_path / "lg")
+    det = out.loadgen["detail"]
+    n, t = det["result_query_count"], det["result_overlatency_query_count"]
+    assert t >= 1
+    need = early_stopping_min_passing(t, 0.9) + t
+    assert det["early_stopping_met"] is (n >= need)
+    if n < need:
+        assert f"Would need to run at least {need - n} more queries" in det["early_stopping_result"]
+        assert out.valid is False
+    if min_queries == 30:
+        assert n < need  # 30 queries cannot absorb even one over-latency query at p90
 
 
 def test_singlestream_ttft_agrees_with_loadgens_clock(tiny_dir, tmp_path):

@@ -70,11 +70,31 @@ class Backend(ABC):
     name: ClassVar[str]
     facts: ModelFacts
 
-    def __init__(self, device: str = "cpu", dtype: str | None = None) -> None:
+    def __init__(self, device: str = "cpu", dtype: str | None = None, threads: int | None = None) -> None:
         if dtype is not None and dtype not in DTYPES:
             raise BenchError(f"--dtype: unknown {dtype!r}; expected one of {', '.join(DTYPES)}")
+        if device.startswith("cuda"):
+            import torch
+
+            try:
+                index = torch.device(device).index or 0
+            except RuntimeError:
+                raise BenchError(f"--device: expected cpu or cuda[:N], got {device!r}") from None
+            if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+                raise BenchError(
+                    f"--device: {device}: no such CUDA device here ({torch.cuda.device_count()} visible)"
+                )
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise BenchError(f"--threads: expected a positive integer, got {threads!r}")
         self.device = device
         self.dtype = dtype or ("bf16" if device.startswith("cuda") else "fp32")
+        # CPU threads of the backend's own pool (torch intra-op, onnxruntime intra-op); None: the
+        # library's default. torch's pool is process-wide, so setting it here sets it for the process.
+        self.threads = threads
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
 
     @abstractmethod
     def load(self, model_dir: Path) -> None: ...
@@ -87,7 +107,14 @@ class Backend(ABC):
         """Next-token logits (T, vocab) float32 for one sequence."""
 
     def describe(self) -> dict:
-        return {"name": self.name, "device": self.device, "dtype": self.dtype}
+        import torch
+
+        return {
+            "name": self.name,
+            "device": self.device,
+            "dtype": self.dtype,
+            "threads": self.threads if self.threads is not None else torch.get_num_threads(),
+        }
 
 
 # ---- ds-models in PyTorch ---------------------------------------------------------------------
@@ -310,8 +337,16 @@ class OnnxBackend(Backend):
                 f"{model_dir}: no model.onnx (the onnx backend takes a directory written by `ds-quant export --onnx`)"
             )
         kind = "cuda" if self.device.startswith("cuda") else "cpu"
+        import onnxruntime
+
+        if PROVIDERS[kind] not in onnxruntime.get_available_providers():
+            # onnxruntime would fall back to the CPU silently: a CPU number labelled as a GPU one.
+            raise BenchError(
+                f"--device: {self.device}: this onnxruntime has no {PROVIDERS[kind]} "
+                f"(available: {', '.join(onnxruntime.get_available_providers())}; pip install onnxruntime-gpu)"
+            )
         try:
-            self.model = OnnxModel(model_dir, providers=[PROVIDERS[kind]])
+            self.model = OnnxModel(model_dir, providers=[PROVIDERS[kind]], threads=self.threads)
         except ValueError as e:
             raise BenchError(f"{model_dir}: cannot load: {e}") from None
         cfg = self.model.config
@@ -352,6 +387,8 @@ class OnnxBackend(Backend):
     def describe(self) -> dict:
         d = super().describe()
         d["providers"] = self.model.providers
+        if self.threads is None:
+            d["threads"] = "onnxruntime default (one per physical core)"
         return d
 
 
@@ -360,7 +397,9 @@ BACKENDS: dict[str, type[Backend]] = {
 }
 
 
-def make_backend(name: str, device: str = "cpu", dtype: str | None = None) -> Backend:
+def make_backend(
+    name: str, device: str = "cpu", dtype: str | None = None, threads: int | None = None
+) -> Backend:
     if name not in BACKENDS:
         raise BenchError(f"--backend: unknown {name!r}; expected one of {', '.join(BACKENDS)}")
-    return BACKENDS[name](device=device, dtype=dtype)
+    return BACKENDS[name](device=device, dtype=dtype, threads=threads)

@@ -1,7 +1,8 @@
 """Side by side: a Markdown table of results and PNG charts (matplotlib, the `charts` extra).
 
 The table has one row per metric (all 18, in registry order, with units) and one column per result,
-headed by what was run (backend, precision, scenario, batch size) and LoadGen's verdict. Charts:
+headed by what was run (backend, precision, scenario, batch size) and LoadGen's verdict; `markdown_rows`
+transposes it (one row per result) for many results. Charts:
 
   latency_distribution.png  the per-request latency CDF of every result
   throughput_vs_batch.png   tokens/s against batch size (Offline runs), one line per model / backend / precision
@@ -73,6 +74,37 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# One row per result: what was run, LoadGen's verdict, then every metric (the two-part ones split).
+_ROW_COLUMNS: list[tuple[str, str, str | None]] = [
+    ("acc %", "accuracy", None), ("Δacc pp", "accuracy_delta", None), ("ppl", "perplexity", None),
+    ("p50 ms", "latency_p50", None), ("p90 ms", "latency_p90", None), ("p99 ms", "latency_p99", None),
+    ("TTFT ms", "ttft", None), ("TPOT ms", "tpot", None), ("ITL p99 ms", "itl_p99", None),
+    ("samples/s", "samples_per_s", None), ("tok/s", "tokens_per_s", None), ("goodput/s", "goodput", None),
+    ("J/sample", "energy_per_sample", None), ("samples/J", "samples_per_joule", None), ("W", "average_power", None),
+    ("host MiB", "peak_memory", "host"), ("dev MiB", "peak_memory", "device"), ("load s", "load_time", None),
+    ("MFU pre %", "hardware_utilisation", "mfu_prefill"), ("MBU dec %", "hardware_utilisation", "mbu_decode"),
+]  # fmt: skip
+
+
+def markdown_rows(results: list[dict]) -> str:
+    """The same numbers transposed: one row per result, one column per metric (for many results)."""
+    head = ["model", "backend", "precision", "scenario", "bs", "LoadGen", *(c[0] for c in _ROW_COLUMNS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [
+            Path(r["model"]["dir"]).name, r["backend"]["name"], precision(r), r["scenario"],
+            str(r["settings"].get("batch_size", "")),
+            r["loadgen"]["result"] if r.get("loadgen") else ("VALID" if r["valid"] else "INVALID"),
+        ]  # fmt: skip
+        for _, name, part in _ROW_COLUMNS:
+            value = metric_value(r, name)
+            if part is not None:
+                value = (value or {}).get(part)
+            cells.append(_fmt(value))
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines)
+
+
 # ---- charts ---------------------------------------------------------------------------------------
 
 
@@ -97,7 +129,7 @@ def write_charts(results: list[dict], out_dir: str | Path) -> list[Path]:
     written = []
 
     # Latency distribution: empirical CDF of completion - arrival.
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(10, 4.6))
     drawn = 0
     for r in results:
         lat = sorted(1e3 * q.latency for q in records(r))
@@ -110,7 +142,7 @@ def write_charts(results: list[dict], out_dir: str | Path) -> list[Path]:
         ax.set_ylabel("fraction of requests")
         ax.set_title("Latency distribution")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend_outside(ax)
         written.append(_save(fig, out_dir / "latency_distribution.png"))
     plt.close(fig)
 
@@ -123,7 +155,7 @@ def write_charts(results: list[dict], out_dir: str | Path) -> list[Path]:
             key = f"{Path(r['model']['dir']).name} {r['backend']['name']} {precision(r)} ({r['device'].get('type')})"
             groups[key].append((int(r["settings"]["batch_size"]), float(tps)))
     if groups:
-        fig, ax = plt.subplots(figsize=(7, 4.2))
+        fig, ax = plt.subplots(figsize=(10, 4.6))
         for key, pts in sorted(groups.items()):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
@@ -133,7 +165,7 @@ def write_charts(results: list[dict], out_dir: str | Path) -> list[Path]:
         ax.set_ylabel("output tokens/s (log scale)")
         ax.set_title("Throughput vs batch size")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend_outside(ax)
         written.append(_save(fig, out_dir / "throughput_vs_batch.png"))
         plt.close(fig)
 
@@ -142,7 +174,7 @@ def write_charts(results: list[dict], out_dir: str | Path) -> list[Path]:
            for r in results if r["model"].get("weight_bytes")]  # fmt: skip
     pts = [p for p in pts if p[1] is not None or p[2] is not None]
     if pts:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.6))
         seen = set()
         for size, acc, ppl, r in pts:
             name = f"{Path(r['model']['dir']).name} {r['backend']['name']} {precision(r)}"
@@ -159,11 +191,16 @@ def write_charts(results: list[dict], out_dir: str | Path) -> list[Path]:
             ax.set_ylabel(what)
             ax.grid(alpha=0.3)
         ax2.set_yscale("log")
-        ax2.legend(fontsize=6, loc="best")
+        _legend_outside(ax2)
         fig.suptitle("Accuracy vs size")
         written.append(_save(fig, out_dir / "accuracy_vs_size.png"))
         plt.close(fig)
     return written
+
+
+def _legend_outside(ax) -> None:
+    # Right of the plot, not over it: a suite has 20+ configurations.
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
 
 
 def _save(fig, path: Path) -> Path:

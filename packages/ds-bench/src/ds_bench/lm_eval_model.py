@@ -43,6 +43,7 @@ class DsLM(LM):
         dtype: str | None = None,
         max_length: int | None = None,
         max_gen_toks: int = 64,
+        threads: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__()
@@ -54,7 +55,7 @@ class DsLM(LM):
         if isinstance(backend, Backend):
             self.backend = backend
         else:
-            self.backend = make_backend(backend, device, dtype)
+            self.backend = make_backend(backend, device, dtype, threads)
             self.backend.load(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         if self.tokenizer is None:
