@@ -123,3 +123,22 @@ def test_hf_refuses_a_sparse_model(tmp_path):
     Transformer(ModelConfig.from_name("ds-tiny", sparse_ratio=0.5)).save_pretrained(tmp_path / "sparse")
     with pytest.raises(BenchError, match="sparse"):
         make_backend("hf").load(tmp_path / "sparse")
+
+
+@pytest.mark.parametrize(("d_ff", "mode"), [(1536, "static"), (1536, "dynamic"), (200, "static")])
+def test_matmul_params_count_the_weights_a_token_is_multiplied_by(d_ff, mode):
+    """MFU's FLOPs: a static-sparse MLP multiplies only its kept neurons (what ds-core computes and
+    exporters gather); a dense or dynamic model counts every projection and the lm_head."""
+    from ds_bench.backends import matmul_params
+
+    cfg = ModelConfig.from_name("ds-tiny", d_ff=d_ff, sparse_ratio=0.3, sparsity_mode=mode)
+    model = Transformer(cfg)
+    expected = model.lm_head.weight.numel()
+    for layer in model.layers:
+        attn = layer.self_attn
+        expected += sum(getattr(attn, n).weight.numel() for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        width = layer.mlp.static_keep_indices().numel() if mode == "static" else d_ff
+        expected += 3 * cfg.d_model * width
+    assert matmul_params(cfg) == expected
+    if mode == "static":
+        assert matmul_params(cfg) < matmul_params(ModelConfig.from_name("ds-tiny", d_ff=d_ff))

@@ -149,6 +149,19 @@ def load_ds_model(model_dir: Path, device: str, dtype: str):
         raise BenchError(f"{model_dir}: cannot load: {e}") from None
 
 
+def matmul_params(cfg) -> int:
+    """Weights multiplied per token: attention and MLP projections of every layer, and the lm_head.
+    A static-sparse MLP computes only the neurons it keeps (exports and ds-quant gather them), so
+    its width is ds-core's kept count, not ``d_ff``; dynamic mode is counted dense (model FLOPs)."""
+    from ds_core import static_keep_count
+
+    d_ff = cfg.d_ff
+    if cfg.sparsity_mode == "static" and cfg.sparse_ratio > 0:
+        d_ff = static_keep_count(cfg.d_ff, cfg.sparse_ratio)
+    per_layer = cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * cfg.d_model * d_ff
+    return cfg.n_layers * per_layer + cfg.vocab_size * cfg.d_model
+
+
 def torch_facts(model, dtype: str, quant: str | None) -> ModelFacts:
     from ds_models.footprint import kv_cache_bytes_per_token
 
@@ -157,10 +170,9 @@ def torch_facts(model, dtype: str, quant: str | None) -> ModelFacts:
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     embed_bytes = sum(t.numel() * t.element_size() for t in model.embed_tokens.state_dict().values())
     hd = cfg.head_dim
-    per_layer = cfg.d_model * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * cfg.d_model * cfg.d_ff
     return ModelFacts(
         params=sum(p.numel() for p in model.parameters()),
-        matmul_params=cfg.n_layers * per_layer + cfg.vocab_size * cfg.d_model,
+        matmul_params=matmul_params(cfg),
         # The embedding table is only gathered from, unless it is also the (tied) lm_head.
         matmul_weight_bytes=total - (0 if cfg.tie_embeddings else embed_bytes),
         n_layers=cfg.n_layers,
@@ -352,11 +364,10 @@ class OnnxBackend(Backend):
         cfg = self.model.config
         weight_bytes = sum(p.stat().st_size for p in model_dir.iterdir() if p.name.startswith("model.onnx"))
         hd = cfg.head_dim
-        per_layer = cfg.d_model * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * cfg.d_model * cfg.d_ff
         quant = self.model.metadata.get("ds.quant")
         self.facts = ModelFacts(
             params=count_parameters(cfg),
-            matmul_params=cfg.n_layers * per_layer + cfg.vocab_size * cfg.d_model,
+            matmul_params=matmul_params(cfg),
             matmul_weight_bytes=weight_bytes,  # the graph's initializers: packed when quantized
             n_layers=cfg.n_layers,
             d_attn=cfg.n_heads * hd,
