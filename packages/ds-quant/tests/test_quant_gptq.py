@@ -57,13 +57,19 @@ def test_quant_gptq_on_dead_inputs_is_exact_there():
     assert torch.isfinite(dequantize_weight(p)).all()
 
 
-def test_quant_gptq_whole_model_closer_to_float_than_rtn(make_tiny):
+def _model_and_tokens(make_tiny):
+    """A tiny float model, calibration and held-out token batches, and its held-out logits."""
     model = make_tiny(scale=1.0)
     gen = torch.Generator().manual_seed(0)
     calib = torch.randint(0, 512, (16, 64), generator=gen)
     held_out = torch.randint(0, 512, (8, 64), generator=gen)
     with torch.no_grad():
         ref = model(held_out)
+    return model, calib, held_out, ref
+
+
+def test_quant_gptq_whole_model_closer_to_float_than_rtn(make_tiny):
+    model, calib, held_out, ref = _model_and_tokens(make_tiny)
     cfg = dict(bits=4, group_size=32, sym=False, overrides={"lm_head": "float"})
     rtn = quantize(copy.deepcopy(model), config=QuantConfig(**cfg))
     seen = []
@@ -145,12 +151,7 @@ def test_quant_clip_search_never_worse_per_group(sym):
 
 
 def test_quant_gptq_true_sequential_whole_model(make_tiny):
-    model = make_tiny(scale=1.0)
-    gen = torch.Generator().manual_seed(0)
-    calib = torch.randint(0, 512, (16, 64), generator=gen)
-    held_out = torch.randint(0, 512, (8, 64), generator=gen)
-    with torch.no_grad():
-        ref = model(held_out)
+    model, calib, held_out, ref = _model_and_tokens(make_tiny)
     cfg = dict(bits=4, group_size=32, overrides={"lm_head": "float"})
     seq = GPTQConfig(batch_size=4, true_sequential=True, act_order=True, clip_search=True)
     rtn = quantize(copy.deepcopy(model), config=QuantConfig(**cfg))

@@ -40,6 +40,15 @@ def _first_last(result) -> tuple[float, float]:
     return (sum(result.losses[s] for s in steps[:k]) / k, sum(result.losses[s] for s in steps[-k:]) / k)
 
 
+def _assert_rdp_epsilon(result, *, noise: float, sample_rate: float, steps: int, delta: float = 1e-5) -> None:
+    """The reported epsilon is opacus' RDP accountant's for this noise, sample rate and step count."""
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = [(noise, sample_rate, steps)]
+    assert result.epsilon == pytest.approx(acc.get_epsilon(delta=delta), rel=1e-6)
+
+
 def test_lora_trains_a_fraction_and_merges_into_a_plain_model(tiny_config, pretrained):
     result = DistributedTrainer(
         tiny_config, model_path=pretrained, lora__enabled=True, lora__r=4, optim__lr=2e-2, schedule__steps=16
@@ -115,8 +124,6 @@ def test_distillation_and_progressive_chain(tiny_config, pretrained):
 
 @pytest.mark.slow
 def test_dp_sgd_trains_and_reports_epsilon(tiny_config):
-    from opacus.accountants import RDPAccountant
-
     tiny_config["data"].update(micro_batch_size=16, grad_accum_steps=1, max_train_sequences=96)
     result = DistributedTrainer(
         tiny_config,
@@ -129,9 +136,7 @@ def test_dp_sgd_trains_and_reports_epsilon(tiny_config):
     first, last = _first_last(result)
     assert last < first - 0.1
     # The epsilon is the RDP accountant's for these steps: 12 steps at sample rate 16/96.
-    acc = RDPAccountant()
-    acc.history = [(0.5, 16 / 96, 12)]
-    assert result.epsilon == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-6)
+    _assert_rdp_epsilon(result, noise=0.5, sample_rate=16 / 96, steps=12)
     prov = json.loads(Path(result.model_dir, "provenance.json").read_text())
     assert prov["dp"]["epsilon"] == pytest.approx(result.epsilon) and prov["dp"]["delta"] == 1e-5
 
@@ -140,8 +145,6 @@ def test_dp_sgd_trains_and_reports_epsilon(tiny_config):
 def test_dp_sgd_in_two_processes(tiny_config):
     """opacus' distributed DP-SGD: DPDDP, noise added once, Poisson batches from each process's
     shard at the global sample rate; the accountant sees the global batch of 2 x 8 sequences."""
-    from opacus.accountants import RDPAccountant
-
     tiny_config["data"].update(micro_batch_size=8, grad_accum_steps=1, max_train_sequences=96)
     result = DistributedTrainer(
         tiny_config,
@@ -155,8 +158,6 @@ def test_dp_sgd_in_two_processes(tiny_config):
     assert result.world_size == 2 and result.step == 12
     first, last = _first_last(result)
     assert last < first - 0.1
-    acc = RDPAccountant()
-    acc.history = [(0.5, 16 / 96, 12)]
-    assert result.epsilon == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-6)
+    _assert_rdp_epsilon(result, noise=0.5, sample_rate=16 / 96, steps=12)
     prov = json.loads(Path(result.model_dir, "provenance.json").read_text())
     assert prov["world_size"] == 2 and prov["dp"]["epsilon"] == pytest.approx(result.epsilon)

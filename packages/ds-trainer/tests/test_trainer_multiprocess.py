@@ -201,6 +201,7 @@ def test_elastic_node_loss_continues_from_last_checkpoint_with_fewer_workers(tin
     result = json.loads((out / "result.json").read_text())
     assert result["step"] == 40 and result["world_size"] == 1
     assert result["resumed_from"] is not None and int(result["resumed_from"].rsplit("_", 1)[1]) >= 8
+    assert "global batch 16 (checkpoint) -> 8" in stderr  # the survivor says the split changed
     # The losses before the loss of the node were written by the 2-node group, after it by the survivor.
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = sorted({r["step"] for r in records if "loss" in r})
