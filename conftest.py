@@ -4,10 +4,13 @@ Triton's CPU interpreter is chosen when triton is first imported. Importing ds_c
 torch._dynamo (``torch.compiler.disable`` on the sparse MLP's kernel path), which imports triton, so
 a package conftest that imports ds-models before ds-core's conftest runs would lock in the compiled
 mode and every interpreted kernel test would fail. Setting the variable here, first, keeps the
-whole-repo run equal to the per-package runs. ``TRITON_INTERPRET=0`` in the environment keeps the
-real GPU kernels on a CUDA machine.
+whole-repo run equal to the per-package runs. On a machine with a CUDA GPU the real kernels run
+(the interpreter is chosen only where there is none); an explicit ``TRITON_INTERPRET`` wins.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if "TRITON_INTERPRET" not in os.environ:
+    import torch  # importing torch does not import triton
+
+    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"

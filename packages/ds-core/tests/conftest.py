@@ -2,15 +2,18 @@
 
 The Triton kernels run in Triton's CPU interpreter here, so the CPU suite checks them against
 the PyTorch reference. The variable must be set before anything imports triton: ds_core imports
-its kernels lazily, and this conftest runs before any test module. ``TRITON_INTERPRET=0`` in the
-environment keeps the real GPU kernels on a CUDA machine.
+its kernels lazily, and this conftest runs before any test module. On a machine with a CUDA GPU
+the compiled kernels run instead (an explicit ``TRITON_INTERPRET`` in the environment wins).
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if "TRITON_INTERPRET" not in os.environ:
+    import torch  # importing torch does not import triton
+
+    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
 
 import importlib.util
 

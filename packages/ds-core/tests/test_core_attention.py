@@ -297,3 +297,119 @@ def test_bad_keyword_arguments_raise_naming_them():
         with pytest.raises(DsCoreError) as err:
             sparse_attention(q, k, v, **kwargs)
         assert needle in str(err.value), (kwargs, str(err.value))
+
+
+# ------------------------------------------------------------------ decode with the length on the device
+
+
+def cache_case(B, Hkv, G, S, D, bs, starts, length, dtype=torch.float32, seed=0):
+    """A fixed-size cache (B, Hkv, S, D), one query per row, and a row-relative pooled-key cache
+    that is exact except for each row's latest complete block (stale, as before a decode step)."""
+    q, k, v = qkv(B=B, Hq=Hkv * G, Hkv=Hkv, Tq=1, S=S, D=D, dtype=dtype, seed=seed)
+    pooled = torch.zeros(B, Hkv, -(-S // bs), D, dtype=dtype)
+    for b, s0 in enumerate(starts):
+        pool_keys(k[b : b + 1, :, s0:length], bs, out=pooled[b : b + 1])
+        c = (length - s0) // bs - 1
+        if c >= 0:
+            pooled[b, :, c] = 7.0
+    return q, k, v, pooled
+
+
+def check_device_length(backend, B, Hkv, G, S, D, bs, starts, length, ratio, dtype, seed=0, tol=None):
+    """The device-length call equals the Python-int call on each row's slice, and fixes the pooled cache."""
+    q, k, v, pooled = cache_case(B, Hkv, G, S, D, bs, starts, length, dtype, seed)
+    cfg = SparsityConfig(attention_sparse_ratio=ratio, attention_block_size=bs)
+    out = sparse_attention(
+        q,
+        k,
+        v,
+        sparsity=cfg,
+        kv_length=torch.tensor([length]),
+        kv_start=torch.tensor(starts),
+        pooled_k=pooled,
+        backend=backend,
+    )
+    tol = tol or {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    for b, s0 in enumerate(starts):
+        want = sparse_attention(
+            q[b : b + 1], k[b : b + 1, :, s0:length], v[b : b + 1, :, s0:length], sparsity=cfg
+        )
+        torch.testing.assert_close(out[b : b + 1], want, rtol=tol, atol=tol)
+        full = pool_keys(k[b : b + 1, :, s0:length], bs)[0, :, : (length - s0) // bs]
+        torch.testing.assert_close(pooled[b, :, : full.shape[1]].float(), full, rtol=tol, atol=tol)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("starts", "length"),
+    [
+        ([0], 200),  # blocks 0..12, the last partial: selection drops most of them
+        ([0, 37, 5], 193),  # left padding: each row counts blocks from its own first key
+        ([3, 0], 40),  # shorter than sinks + window: every block kept (dense)
+        ([0], 64),  # a whole number of blocks; the last one just completed
+    ],
+)
+def test_device_length_decode_equals_the_prefix_call(dtype, starts, length):
+    check_device_length("torch", len(starts), 2, 2, 256, 16, 16, starts, length, 0.7, dtype)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 3),
+    Hkv=st.integers(1, 2),
+    G=st.sampled_from([1, 3, 4]),
+    S=st.integers(20, 180),
+    bs=st.sampled_from([8, 16, 32]),
+    ratio=st.sampled_from([0.3, 0.5, 0.9]),
+    data=st.data(),
+)
+def test_device_length_decode_on_random_lengths(B, Hkv, G, S, bs, ratio, data):
+    length = data.draw(st.integers(1, S), label="length")
+    starts = data.draw(st.lists(st.integers(0, length - 1), min_size=B, max_size=B), label="starts")
+    check_device_length("torch", B, Hkv, G, S, 8, bs, starts, length, ratio, torch.float32)
+
+
+def test_device_length_decode_is_sparse_and_tracks_a_growing_length():
+    # One cache, the length growing by one per call as in a decode loop: the op alone keeps the
+    # pooled cache exact (it starts all zeros) and matches the prefix call at every length.
+    q, k, v = qkv(B=1, Hq=4, Hkv=2, Tq=1, S=160, D=16, seed=3)
+    cfg = SparsityConfig(attention_sparse_ratio=0.7, attention_block_size=16)
+    pooled = torch.zeros(1, 2, 10, 16)
+    for length in range(1, 161):
+        out = sparse_attention(q, k, v, sparsity=cfg, kv_length=torch.tensor(length), pooled_k=pooled)
+        want = sparse_attention(q, k[:, :, :length], v[:, :, :length], sparsity=cfg)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled, pool_keys(k, 16))
+    assert (out - dense(q, k, v, 159)).abs().max() > 1e-3  # 3 of 10 blocks kept: not dense
+
+
+def test_device_length_without_a_pooled_cache_and_at_ratio_zero():
+    q, k, v = qkv(B=2, Hq=4, Hkv=2, Tq=1, S=100, D=16, seed=4)
+    kw = dict(kv_length=torch.tensor([90, 70]), kv_start=torch.tensor([0, 9]))
+    for cfg in (SparsityConfig(attention_sparse_ratio=0.6, attention_block_size=16), None):
+        out = sparse_attention(q, k, v, sparsity=cfg, **kw)
+        for b, (s0, n) in enumerate([(0, 90), (9, 70)]):
+            want = sparse_attention(q[b : b + 1], k[b : b + 1, :, s0:n], v[b : b + 1, :, s0:n], sparsity=cfg)
+            torch.testing.assert_close(out[b : b + 1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_device_length_bad_arguments_raise_naming_them():
+    q, k, v = qkv(B=2, Tq=1, S=64)
+    cfg = SparsityConfig(attention_sparse_ratio=0.5, attention_block_size=16)
+    n = torch.tensor([64])
+    for kwargs, needle in [
+        (dict(kv_length=64), "kv_length: expected an integer torch.Tensor"),
+        (dict(kv_length=n.float()), "kv_length: expected an integer tensor"),
+        (dict(kv_length=torch.tensor([1, 2, 3])), "kv_length: expected shape (), (1,) or (2,)"),
+        (dict(kv_length=n, kv_start=torch.zeros(2, 1, dtype=torch.long)), "kv_start: expected shape"),
+        (dict(kv_start=torch.zeros(2, dtype=torch.long)), "kv_start: only meaningful with kv_length"),
+        (dict(kv_length=n, q_start=63), "q_start: not used with kv_length"),
+        (dict(kv_length=n, pooled_k=torch.zeros(2, 2, 3, 16)), "pooled_k: expected shape (2, 2, >=4, 16)"),
+        (dict(kv_length=n.to("meta")), "kv_length: expected device cpu"),
+    ]:
+        with pytest.raises(DsCoreError) as err:
+            sparse_attention(q, k, v, sparsity=cfg, **kwargs)
+        assert needle in str(err.value), (kwargs, str(err.value))
+    with pytest.raises(DsCoreError, match="one-token decode"):
+        sparse_attention(*qkv(Tq=2, S=64), sparsity=cfg, kv_length=n)

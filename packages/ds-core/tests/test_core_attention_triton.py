@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ds_core import DsCoreError, SparsityConfig, set_backend, sparse_attention
@@ -273,3 +273,111 @@ def test_bf16_on_the_gpu_matches_the_reference():
         else:
             out = ta.block_sparse_prefill(q, k, v, idx, counts, block_size=64, q_start=q_start)
         assert rel(out, ref) < 1e-2
+
+
+# ------------------------------------------------------------------ decode with the length on the device
+
+
+def device_length_case(B, Hkv, G, S, D, bs, starts, dtype, seed):
+    """q, a fixed-size cache and a row-relative pooled-key cache (zeros: every call refreshes its block)."""
+    q, k, v = qkv(B, Hkv * G, Hkv, 1, S, D, dtype, seed)
+    return q, k, v, torch.zeros(B, Hkv, -(-S // bs), D, dtype=dtype, device=DEVICE)
+
+
+def prefix_call(q, k, v, cfg, starts, length):
+    """The Python-int reference: each row's valid slice through the torch backend."""
+    rows = [
+        sparse_attention(
+            q[b : b + 1], k[b : b + 1, :, s:length], v[b : b + 1, :, s:length], sparsity=cfg, backend="torch"
+        )
+        for b, s in enumerate(starts)
+    ]
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("fused", [True, False])  # one launch for small caches, or scores + split attention
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    B=st.integers(1, 2),
+    Hkv=st.integers(1, 2),
+    G=st.sampled_from([1, 4]),
+    S=st.integers(40, 200),
+    bs=st.sampled_from([16, 32]),
+    ratio=st.sampled_from([0.3, 0.7]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    data=st.data(),
+)
+def test_device_length_kernels_match_the_prefix_call(
+    monkeypatch, fused, B, Hkv, G, S, bs, ratio, dtype, data
+):
+    monkeypatch.setattr(ta, "FUSED_MAX_BLOCKS", 64 if fused else 0)
+    # lengths of any remainder modulo the block size, down to fewer keys than sinks + window
+    length = data.draw(st.integers(1, S), label="length")
+    starts = data.draw(st.lists(st.integers(0, length - 1), min_size=B, max_size=B), label="starts")
+    q, k, v, pooled = device_length_case(B, Hkv, G, S, 16, bs, starts, dtype, seed=S)
+    for b, s in enumerate(starts):  # what a decoder's cache holds before this step
+        pool_keys(k[b : b + 1, :, s:length], bs, out=pooled[b : b + 1])
+    cfg = SparsityConfig(attention_sparse_ratio=ratio, attention_block_size=bs)
+    start_t = torch.tensor(starts, device=DEVICE)
+    out = sparse_attention(
+        q, k, v, sparsity=cfg, kv_length=torch.tensor([length], device=DEVICE), kv_start=start_t, pooled_k=pooled,
+        backend="triton",
+    )  # fmt: skip
+    want = prefix_call(q, k, v, cfg, starts, length)
+    assert rel(out, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_device_length_kernels_keep_the_pooled_cache_over_a_growing_length(monkeypatch, fused):
+    monkeypatch.setattr(ta, "FUSED_MAX_BLOCKS", 64 if fused else 0)
+    # A decode loop: the length grows by one per call; the scores kernel alone writes each
+    # completed block's mean into the (initially empty) pooled cache, and every step matches.
+    B, S, bs = 2, 150, 16
+    starts = [0, 21]
+    q, k, v, pooled = device_length_case(B, 2, 2, S, 16, bs, starts, torch.float32, seed=9)
+    cfg = SparsityConfig(attention_sparse_ratio=0.7, attention_block_size=bs)
+    start_t = torch.tensor(starts, device=DEVICE)
+    for length in range(22, S + 1):
+        n = torch.tensor([length], device=DEVICE)
+        out = sparse_attention(
+            q, k, v, sparsity=cfg, kv_length=n, kv_start=start_t, pooled_k=pooled, backend="triton"
+        )
+        assert rel(out, prefix_call(q, k, v, cfg, starts, length)) < 1e-4, length
+    for b, s in enumerate(starts):
+        full = pool_keys(k[b : b + 1, :, s:S], bs)[0, :, : (S - s) // bs]
+        torch.testing.assert_close(pooled[b, :, : full.shape[1]], full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="CUDA-graph capture needs the compiled kernels on a CUDA GPU (run with TRITON_INTERPRET=0)",
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("S", [4096, 640])  # 20 of 64 blocks kept: split attention; 3 of 10: one launch
+def test_device_length_decode_is_captured_once_and_replayed_at_every_length(dtype, S):
+    B, Hkv, G, bs = 2, 8, 4, 64
+    q, k, v, pooled = device_length_case(B, Hkv, G, S, 128, bs, [0, 100], dtype, seed=1)
+    cfg = SparsityConfig(attention_sparse_ratio=0.7, attention_block_size=bs)
+    start_t = torch.tensor([0, 100], device=DEVICE)
+    n = torch.tensor([200], device=DEVICE)
+    for b, s in enumerate([0, 100]):
+        pool_keys(k[b : b + 1, :, s:199], bs, out=pooled[b : b + 1])
+
+    def step():
+        return sparse_attention(q, k, v, sparsity=cfg, kv_length=n, kv_start=start_t, pooled_k=pooled)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # builds the count table and tickets before capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for length in [n for n in (200, 201, 600, 639, 640, 1000, 1023, 1024, 4095, 4096) if n <= S]:
+        for b, s in enumerate([0, 100]):  # the cache as a decoder would hold it at this length
+            pool_keys(k[b : b + 1, :, s : length - 1], bs, out=pooled[b : b + 1])
+        n.fill_(length)
+        graph.replay()
+        want = prefix_call(q, k, v, cfg, [0, 100], length)
+        assert rel(out, want) < (1e-2 if dtype == torch.bfloat16 else 1e-4), length

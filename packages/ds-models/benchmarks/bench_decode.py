@@ -10,8 +10,18 @@ Cases (issue 4 targets in brackets):
   7b-b16      ds-7b, batch 16                  [>= 8x the batch-1 throughput]
   7b-sparse   ds-7b, sparse_ratio 0.3 + attention_sparse_ratio 0.3 (same weights, dynamic mode,
               thresholds calibrated on a random prefill), batch 1   [>= 1.25x dense 7b]
-              (decode steps in graph modes attend densely: see docs/packages/ds-models.md)
+              (every mode runs ds-core's sparse attention with the length on the device)
+  7b-attn     (CUDA, with --contexts) one step's attention alone, all 30 layers, dense vs sparse
+  --contexts 8192,16384   adds the 7b and 7b-sparse cases again with prompts of these lengths
+              (labels "...-ctx8192"), where the KV cache is a real share of the bytes a step
+              reads; "7b-ideal-ctx<N>" records the bytes-read bound of the sparse speedup there
   tiny        ds-tiny on CPU, a smoke test of this script
+  1.5b-tune   (CUDA) ds-1.5b batch 1, one table per run: cuBLAS GEMV per weight shape next to a
+              plain Triton GEMV, then the full decode step under each inductor setting of
+              --variants, with a per-kernel profile of each (--profile-dir) and the greedy tokens
+              against eager
+  tiny-check  (CUDA) the GPU test's float32 ds-tiny in "compile" mode under each setting: where its
+              greedy tokens first differ from eager's, and how close eager's top two logits are there
 
 Throughput: a prompt of --prompt-len random tokens per row, --new-tokens generated greedily (no
 stop). "decode tok/s" = B * (N - 1) / (t(N tokens) - t(1 token)), i.e. the steady per-token rate
@@ -23,9 +33,11 @@ timed calls after one untimed warm-up call (which compiles / captures). HF's num
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -160,6 +172,306 @@ def matmul_floor_ms(model, batch=1, reps=20):
     return start.elapsed_time(end) / reps
 
 
+# ---- ds-1.5b tuning (case "1.5b-tune") ------------------------------------------------------------
+
+# torch.compile options of the dense batch-1 decode step tried by --variants ("ro" = reduce-overhead,
+# the setting before; "cd" = ds_models.generate.GEMV_COMPILE_OPTIONS today).
+VARIANTS = {
+    "ro": {"triton.cudagraphs": True},
+    "cd": {"triton.cudagraphs": True, "coordinate_descent_tuning": True},
+    "cd-all": {
+        "triton.cudagraphs": True,
+        "coordinate_descent_tuning": True,
+        "coordinate_descent_check_all_directions": True,
+        "aggressive_fusion": True,
+    },
+    "cd-ma": {"triton.cudagraphs": True, "coordinate_descent_tuning": True, "max_autotune": True},
+}
+
+
+def _triton_gemv():
+    """A plain Triton y = W x (W (N, K) row-major, bf16, fp32 accumulation): the yardstick for cuBLAS."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(x_ptr, w_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+            w = tl.load(
+                w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0
+            )
+            acc += w.to(tl.float32) * x[None, :]
+        tl.store(y_ptr + rn, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rn < N)
+
+    def gemv(x, w, y, block_n, block_k, warps):
+        N, K = w.shape
+        kernel[(triton.cdiv(N, block_n),)](x, w, y, N, K, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+
+    return gemv
+
+
+def _graph_ms(fn, reps=10):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def gemv_table(model):
+    """Per weight shape of one decode step: cuBLAS (F.linear) vs a plain Triton GEMV, each over the
+    model's own per-layer weights in one CUDA graph (no L2 reuse between calls), plus max |diff|."""
+    gemv = _triton_gemv()
+    per_layer = {
+        "qkv": [torch.cat([b.self_attn.q_proj.weight, b.self_attn.k_proj.weight, b.self_attn.v_proj.weight]) for b in model.layers],
+        "o": [b.self_attn.o_proj.weight for b in model.layers],
+        "gate": [b.mlp.gate_proj.weight for b in model.layers],
+        "gate+up": [torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight]) for b in model.layers],
+        "down": [b.mlp.down_proj.weight for b in model.layers],
+        "lm_head": [model.lm_head.weight],
+    }  # fmt: skip
+    configs = [(1, 1024, 4), (2, 512, 4), (4, 512, 4), (8, 256, 4), (8, 512, 8), (16, 256, 8), (32, 128, 8)]
+
+    def run_cublas(x, ws):
+        for w in ws:
+            torch.nn.functional.linear(x[None], w)
+
+    def run_triton(x, ws, ys, cfg):
+        for w, y in zip(ws, ys):
+            gemv(x, w, y, *cfg)
+
+    rows = {}
+    for name, ws in per_layer.items():
+        N, K = ws[0].shape
+        x = torch.randn(K, device="cuda", dtype=ws[0].dtype)
+        ys = [torch.full((N,), float("nan"), device="cuda", dtype=x.dtype) for _ in ws]
+        gb = sum(w.numel() * w.element_size() for w in ws) / 1e9
+        ms = _graph_ms(functools.partial(run_cublas, x, ws))
+        row = {"N": N, "K": K, "calls": len(ws), "cublas_us": 1000 * ms / len(ws), "cublas_TBps": gb / ms}
+        best = None
+        for cfg in configs:
+            if cfg[1] <= K:
+                t = _graph_ms(functools.partial(run_triton, x, ws, ys, cfg))
+                if best is None or t < best[0]:
+                    best = (t, cfg)
+        ref = torch.nn.functional.linear(x[None], ws[0]).float()[0]
+        ys[0].fill_(float("nan"))
+        gemv(x, ws[0], ys[0], *best[1])
+        row.update(triton_us=1000 * best[0] / len(ws), triton_TBps=gb / best[0], triton_cfg=list(best[1]),
+                   max_abs_diff=float((ys[0].float() - ref).abs().max()))  # fmt: skip
+        rows[name] = row
+    return rows
+
+
+def kernel_profile(model, prompts, n, path, top=25):
+    """Per-kernel device time of a generate call (graph replays included), top kernels to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        generate(model, prompts, n, mode="compile")
+        sync()
+    table = prof.key_averages().table(
+        sort_by="self_device_time_total", row_limit=top, max_name_column_width=70
+    )
+    with open(path, "w") as f:
+        f.write(table)
+    return table
+
+
+def tune_variants(model, args, record):
+    """The full decode step (mode "compile") under each inductor setting of --variants, same model."""
+    gen = sys.modules["ds_models.generate"]  # the package re-exports the function under that name
+    default = dict(gen.GEMV_COMPILE_OPTIONS)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=g).tolist()
+    eager = generate(model, prompts, 32, mode="eager")[0]
+    record("1.5b-tune/eager-tokens", eager[:16])
+    t_start = time.perf_counter()
+    try:
+        for name in args.variants.split(","):
+            if time.perf_counter() - t_start > args.tune_budget_s:
+                record(f"1.5b-tune/{name}", {"skipped": f"past --tune-budget-s {args.tune_budget_s}"})
+                continue
+            gen.GEMV_COMPILE_OPTIONS = VARIANTS[name]
+            gen._compiled.pop("dense-gemv", None)
+            torch._dynamo.reset()
+            try:
+                r = measure(model, 1, args.prompt_len, args.new_tokens, "compile", args.repeats)
+                out = generate(model, prompts, 32, mode="compile")[0]
+                agree = next((i for i, (a, b) in enumerate(zip(out, eager)) if a != b), len(out))
+                r.update(options=VARIANTS[name], tokens_equal_to_eager=agree)
+            except Exception as e:
+                r = {"error": f"{type(e).__name__}: {e}"[:500]}
+            record(f"1.5b-tune/{name}", r)
+            if args.profile_dir and "error" not in r:
+                try:
+                    kernel_profile(model, prompts, 33, f"{args.profile_dir}/profile_{name}.txt")
+                except Exception as e:
+                    print(f"profile {name}: {type(e).__name__}: {e}"[:300])
+    finally:
+        gen.GEMV_COMPILE_OPTIONS = default
+        gen._compiled.pop("dense-gemv", None)
+        torch._dynamo.reset()
+
+
+def tiny_check(record):
+    """(case "tiny-check") The GPU test's float32 ds-tiny (weights N(0, 0.3)) under each batch-1 /
+    batch-2 setting of VARIANTS: first token that differs from eager, and eager's top-2 logit gap there
+    (a near-tie flips on rounding; a wide gap means a wrong result)."""
+    gen = sys.modules["ds_models.generate"]
+    saved = dict(gen.GEMV_COMPILE_OPTIONS), dict(gen.DENSE_COMPILE_OPTIONS)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("ds-tiny"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+    model = model.eval().cuda()
+    cases = {"b1": [[26, 5, 35, 89, 79]], "b2": [[3, 141, 59], [26, 5, 35, 89, 79]]}
+    try:
+        for name in ("ro", "cd"):
+            gen.GEMV_COMPILE_OPTIONS = gen.DENSE_COMPILE_OPTIONS = VARIANTS[name]
+            gen._compiled.pop("dense-gemv", None)
+            gen._compiled.pop("dense", None)
+            torch._dynamo.reset()
+            for label, prompts in cases.items():
+                eager = generate(model, prompts, 16, mode="eager")
+                try:
+                    got = generate(model, prompts, 16, mode="compile")
+                except Exception as e:
+                    record(f"tiny-check/{name}/{label}", {"error": f"{type(e).__name__}: {e}"[:400]})
+                    continue
+                rows = []
+                for prompt, e_row, g_row in zip(prompts, eager, got):
+                    i = next((j for j, (a, b) in enumerate(zip(e_row, g_row)) if a != b), None)
+                    gap = None
+                    if i is not None:
+                        with torch.no_grad():
+                            logits = model(torch.tensor([prompt + e_row[:i]], device="cuda"))[0, -1]
+                        top = logits.topk(2).values
+                        gap = float(top[0] - top[1])
+                    rows.append({"first_diff": i, "eager_top2_gap_there": gap})
+                record(f"tiny-check/{name}/{label}", rows)
+    finally:
+        gen.GEMV_COMPILE_OPTIONS, gen.DENSE_COMPILE_OPTIONS = saved
+        gen._compiled.clear()
+        torch._dynamo.reset()
+
+
+def ideal_bound(config, prompt_len, new_tokens, mlp_ratio=0.3, attention_ratio=0.3):
+    """Bytes one decode step reads, dense vs sparse (bf16), averaged over the generated tokens.
+
+    Weights read per step: every Linear (q/k/v/o, gate/up/down, lm_head), not the embedding table
+    (one row). KV: 2 (K and V) x layers x KV heads x head_dim x 2 bytes per cached token. Sparse:
+    the MLP reads (1 - mlp_ratio) of its weights; attention reads the kept blocks of ds-core's
+    budget (sinks + window + ceil((1 - ratio) x visible blocks), blocks of 64) plus the pooled-key
+    cache (1/64 of K). Everything else (norms, activations, launch gaps) is taken as free.
+    """
+    from ds_core.kernels.reference_attention import decode_count_table
+
+    c = config
+    bs = 64
+    attn_w = c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.d_model
+    mlp_w = 3 * c.d_model * c.d_ff
+    head = c.vocab_size * c.d_model
+    weights = 2 * (c.n_layers * (attn_w + mlp_w) + head)
+    mlp = 2 * c.n_layers * mlp_w
+    kv_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 2
+    lengths = range(prompt_len + 1, prompt_len + new_tokens)
+    table = decode_count_table(
+        -(-lengths[-1] // bs),
+        sink_blocks=1,
+        local_blocks=2,
+        keep_fraction=1 - attention_ratio,
+        keep_blocks=None,
+    )
+    kv_dense = sum(kv_token * n for n in lengths) / len(lengths)
+    kv_sparse = sum(
+        kv_token * min(n, int(table[-(-n // bs)]) * bs) + kv_token / 2 * (n // bs) for n in lengths
+    )
+    kv_sparse /= len(lengths)
+    dense = weights + kv_dense
+    sparse = weights - mlp_ratio * mlp + kv_sparse
+    return dict(
+        weights_GB=weights / 1e9,
+        mlp_GB=mlp / 1e9,
+        kv_MB_per_token=kv_token / 1e6,
+        dense_GB_per_step=dense / 1e9,
+        sparse_GB_per_step=sparse / 1e9,
+        bound=dense / sparse,
+    )
+
+
+def attention_step_ms(config, prompt_len, new_tokens, ratio=0.3, reps=20):
+    """The attention of one decode step alone, every layer, in one CUDA graph: dense vs sparse.
+
+    Dense is the masked SDPA that ds-models' captured step runs for a dense model; sparse is
+    ds-core's device-length decode (scores + selection, then the kept blocks), with a pooled-key
+    cache. Cache of generate's size (rounded to 256), valid length prompt_len + new_tokens / 2.
+    """
+    from ds_core import SparsityConfig, sparse_attention
+    from ds_core.kernels.reference_attention import pool_keys
+    from ds_models.model import _masked_gqa_attention, attention_bias
+
+    c = config
+    S = -(-(prompt_len + new_tokens) // 256) * 256
+    n = prompt_len + new_tokens // 2
+    kw = dict(device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(1, c.n_heads, 1, c.head_dim, **kw)
+    ks = [torch.randn(1, c.n_kv_heads, S, c.head_dim, **kw) for _ in range(c.n_layers)]
+    vs = [torch.randn(1, c.n_kv_heads, S, c.head_dim, **kw) for _ in range(c.n_layers)]
+    pooled = [pool_keys(k, 64).to(torch.bfloat16) for k in ks]
+    length, start = torch.tensor([n], device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda")
+    allowed = (torch.arange(S, device="cuda") < n).view(1, 1, 1, S)
+    bias = attention_bias(allowed, c.n_heads // c.n_kv_heads, torch.bfloat16)
+    cfg = SparsityConfig(attention_sparse_ratio=ratio)
+
+    def dense():
+        for k, v in zip(ks, vs):
+            _masked_gqa_attention(q, k, v, bias)
+
+    def sparse():
+        for k, v, p in zip(ks, vs, pooled):
+            sparse_attention(q, k, v, sparsity=cfg, kv_length=length, kv_start=start, pooled_k=p)
+
+    out = {"cache_slots": S, "length": n}
+    for name, fn in (("dense_ms", dense), ("sparse_ms", sparse)):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        g.replay()
+        torch.cuda.synchronize()
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        for _ in range(reps):
+            g.replay()
+        t1.record()
+        torch.cuda.synchronize()
+        out[name] = t0.elapsed_time(t1) / reps
+    return out
+
+
 def calibrate(model, device, n_tokens=512):
     import ds_core
 
@@ -177,10 +489,17 @@ def main():
     p.add_argument("--hf-new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--modes", default="compile,cuda-graph", help="decode modes measured for dense models")
+    p.add_argument("--contexts", default="", help="extra prompt lengths for the 7b / 7b-sparse cases")
     p.add_argument("--out", default=None, help="write all results as JSON here")
+    p.add_argument(
+        "--variants", default="ro,cd", help=f"1.5b-tune: inductor settings, of {','.join(VARIANTS)}"
+    )
+    p.add_argument("--tune-budget-s", type=float, default=240, help="1.5b-tune: start no variant after this")
+    p.add_argument("--profile-dir", default=None, help="1.5b-tune: write per-kernel profiles here")
     args = p.parse_args()
     cases = args.cases.split(",")
     modes = args.modes.split(",")
+    contexts = [int(c) for c in args.contexts.split(",") if c]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     results: dict = {
@@ -201,12 +520,12 @@ def main():
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=2)
 
-    def run_modes(label, model, batch, modes_here):
+    def run_modes(label, model, batch, modes_here, prompt_len=None):
         for mode in modes_here:
             try:
                 record(
                     f"{label}/{mode}",
-                    measure(model, batch, args.prompt_len, args.new_tokens, mode, args.repeats),
+                    measure(model, batch, prompt_len or args.prompt_len, args.new_tokens, mode, args.repeats),
                 )
             except Exception as e:  # keep the other cases' numbers
                 record(f"{label}/{mode}", {"error": f"{type(e).__name__}: {e}"[:500]})
@@ -231,28 +550,51 @@ def main():
         gc.collect()
         torch.cuda.empty_cache()
 
-    if any(c.startswith("7b") for c in cases):
+    if "tiny-check" in cases and device == "cuda":
+        tiny_check(record)
+
+    if "1.5b-tune" in cases and device == "cuda":
+        model = random_model("ds-1.5b", device, dtype)
+        record("1.5b-matmul-floor-ms", matmul_floor_ms(model))
+        record("1.5b-tune/gemv", gemv_table(model))
+        tune_variants(model, args, record)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    for ctx in contexts if any(c.startswith("7b") for c in cases) else []:
+        config = ModelConfig.from_name("ds-7b")
+        record(f"7b-ideal-ctx{ctx}", ideal_bound(config, ctx, args.new_tokens))
+        if device == "cuda" and "7b-attn" in cases:
+            record(f"7b-attn-ctx{ctx}", attention_step_ms(config, ctx, args.new_tokens))
+            torch.cuda.empty_cache()
+
+    if any(c in cases for c in ("7b", "7b-hf", "7b-b16", "7b-sparse")):
         model = random_model("ds-7b", device, dtype)
         record("7b-weights-GB", weight_bytes(model) / 1e9)
         if device == "cuda":
             record("7b-matmul-floor-ms", matmul_floor_ms(model))
-        if "7b" in cases:
-            run_modes("7b-b1", model, 1, modes)
+        sparse, sparse_modes = None, ["compile", "cuda-graph"] if device == "cuda" else ["eager"]
+        if "7b-sparse" in cases:
+            # the dense model's weights (both models stay resident: dense and sparse are measured
+            # side by side at each context); dynamic thresholds calibrated on a random prefill
+            sparse = random_model("ds-7b", device, dtype, sparse_ratio=0.3, attention_sparse_ratio=0.3)
+            sparse.load_state_dict(model.state_dict(), strict=False)
+            calibrate(sparse, device)
+        for ctx in [None, *contexts]:
+            suffix = f"-ctx{ctx}" if ctx else ""
+            if "7b" in cases:
+                run_modes(f"7b-b1{suffix}", model, 1, modes, ctx)
+            if sparse is not None:
+                run_modes(f"7b-sparse-b1{suffix}", sparse, 1, sparse_modes, ctx)
+            gc.collect()
+            torch.cuda.empty_cache()
         if "7b-hf" in cases:
             record("7b-hf", hf_baseline(model, args.prompt_len, args.hf_new_tokens, 1))
             gc.collect()
             torch.cuda.empty_cache()
         if "7b-b16" in cases:
             run_modes("7b-b16", model, 16, modes[:1])
-        if "7b-sparse" in cases:
-            state = {k: v for k, v in model.state_dict().items()}
-            sparse = random_model("ds-7b", device, dtype, sparse_ratio=0.3, attention_sparse_ratio=0.3)
-            sparse.load_state_dict(state, strict=False)  # the dense model's weights; thresholds next
-            del model, state
-            gc.collect()
-            torch.cuda.empty_cache()
-            calibrate(sparse, device)
-            run_modes("7b-sparse-b1", sparse, 1, ["compile", "cuda-graph"] if device == "cuda" else ["eager"])
     print(json.dumps(results, indent=2))
 
 

@@ -3,7 +3,8 @@ from collections import Counter
 import pytest
 import torch
 
-from ds_models import ModelError, generate
+from ds_core.sparse_attention import pool_keys
+from ds_models import KVCache, ModelError, generate
 from ds_models.generate import sample
 
 
@@ -106,6 +107,61 @@ def test_sparse_model_generation_cache_matches_no_cache(make_model):
     assert generate(model, [prompt], 6) == [_greedy_without_cache(model, prompt, 6)]
 
 
+def _decode_logits(model, ids, prefill, steps, cache=None):
+    """Prefill ids[:, :prefill] into a KVCache, then one-token steps; logits (steps, vocab) of the steps."""
+    cache = cache or KVCache(model.config, 1, prefill + steps)
+    out = []
+    with torch.no_grad():
+        model(ids[:, :prefill], cache=cache)
+        for t in range(prefill, prefill + steps):
+            pos = torch.tensor([t])
+            out.append(model(ids[:, t : t + 1], input_pos=pos, cache=cache)[0, -1])
+    return torch.stack(out)
+
+
+def test_sparse_decode_step_equals_a_forward_without_cache(make_model):
+    # The decode step passes the whole cache and the length as a tensor to ds_core. After a
+    # prefill of whole blocks, the new token is the only query of its block, so the full forward
+    # (a prefill) must select exactly what the decode step selects: 6 visible blocks of 64, 3 kept.
+    cfg = dict(attention_sparse_ratio=0.7, max_seq_len=1024)
+    model = make_model(**cfg)
+    ids = torch.randint(0, model.config.vocab_size, (1, 321), generator=torch.Generator().manual_seed(3))
+    step = _decode_logits(model, ids, 320, 1)[0]
+    with torch.no_grad():
+        full = model(ids)[0, -1]
+        dense = make_model(max_seq_len=1024)(ids)[0, -1]  # same weights, every block attended
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+    assert (dense - full).abs().max() > 1e-2  # the selection really dropped blocks
+
+
+def test_sparse_decode_keeps_its_pooled_key_cache_exact(make_model):
+    # One layer: its keys depend on the tokens only, so the forward without cache equals the
+    # decode step wherever the step's query starts a block (t = 320 and 384). Between them the
+    # decode steps complete block 5, whose pooled mean the step at length 384 writes and the
+    # step at 385 scores.
+    model = make_model(attention_sparse_ratio=0.7, max_seq_len=1024, n_layers=1)
+    ids = torch.randint(0, model.config.vocab_size, (1, 385), generator=torch.Generator().manual_seed(4))
+    cache = KVCache(model.config, 1, 448)
+    steps = _decode_logits(model, ids, 320, 65, cache)
+    with torch.no_grad():
+        full = model(ids)[0]
+    torch.testing.assert_close(steps[0], full[320], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(steps[64], full[384], rtol=1e-4, atol=1e-4)
+    # every complete block's mean is in the cache, the ones the decode steps completed included
+    expect = pool_keys(cache.k[0][:, :, :385], cache.block_size)[:, :, :6]
+    torch.testing.assert_close(cache.pooled[0][:, :, :6].float(), expect)
+
+
+def test_sparse_ragged_batch_decodes_like_unbatched_rows(make_model):
+    # Left-padded rows: ds_core counts each row's blocks from its first token (kv_start = pad),
+    # so a padded row selects as it would alone. Decoding past 5 blocks makes selection drop some.
+    model = make_model(attention_sparse_ratio=0.7, max_seq_len=1024)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (100, 170, 37)]
+    batched = generate(model, prompts, 200)
+    assert batched == [generate(model, [p], 200)[0] for p in prompts]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["cuda-graph", "compile"])
 def test_gpu_decode_modes_match_eager(make_model, mode):
@@ -125,3 +181,33 @@ def test_gpu_dynamic_sparse_decode_modes_match_eager(make_model, mode):
         model(torch.randint(0, model.config.vocab_size, (2, 48), device="cuda"))
     prompts = [[3, 141, 59], [26, 5, 35, 89, 79]]
     assert generate(model, prompts, 16, mode=mode) == generate(model, prompts, 16, mode="eager")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["cuda-graph", "compile"])
+@pytest.mark.parametrize(
+    ("ratio", "lengths", "new"),
+    [
+        (0.7, (300, 190), 200),  # 8 blocks of cache, 3 kept: ds-core's one-launch small-cache kernel
+        (0.3, (1400, 1100), 100),  # 24 blocks, up to 17 kept: scores + split attention kernels
+    ],
+)
+def test_gpu_sparse_attention_decode_modes_match_eager(make_model, mode, ratio, lengths, new):
+    # Captured / compiled steps run ds_core's device-length sparse attention (no dense fallback)
+    # on ragged prompts, decoding far enough that selection drops blocks.
+    import warnings
+
+    import ds_core
+
+    model = make_model(
+        sparse_ratio=0.5, attention_sparse_ratio=ratio, sparsity_mode="dynamic", max_seq_len=2048
+    )
+    model = model.cuda()
+    with ds_core.calibration(model), torch.no_grad():
+        model(torch.randint(0, model.config.vocab_size, (2, 48), device="cuda"))
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in lengths]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "ds-models: compiling", RuntimeWarning)  # no eager fallback
+        got = generate(model, prompts, new, mode=mode)
+    assert got == generate(model, prompts, new, mode="eager")

@@ -20,6 +20,16 @@ pooled-key cache next to the KV cache and pass it as ``pooled_k``::
     pooled = torch.zeros(B, Hkv, max_len // block_size, D, device=..., dtype=k_cache.dtype)
     pool_keys(k_cache[:, :, :S], block_size, out=pooled, start=S - n_new)  # after appending keys
     out = sparse_attention(q, k_cache[:, :, :S], v_cache[:, :, :S], sparsity=cfg, pooled_k=pooled)
+
+A captured (CUDA graph) or compiled decode step cannot slice the cache to a length that changes
+every step. For one-token decode, pass the whole fixed-size cache and the valid length as a
+device tensor instead (``kv_length``; ``kv_start`` for left-padded rows): block scores, the
+sink / window / top-k selection and the attention bounds then read the length on the device,
+and the op refreshes the pooled row of the latest complete block itself, so the pooled-key cache
+stays exact as the length grows by one per step::
+
+    out = sparse_attention(q, k_cache, v_cache, sparsity=cfg, pooled_k=pooled,
+                           kv_length=input_pos + 1, kv_start=pad)  # (1,) / (B,) int64 tensors
 """
 
 from __future__ import annotations
@@ -33,8 +43,12 @@ from ds_core.config import DsCoreError, SparsityConfig
 from ds_core.kernels.reference_attention import (
     block_counts,
     block_scores,
+    decode_count_table,
+    dynamic_decode_attention,
     gather_sparse_attention,
     pool_keys,
+    pool_keys_from,
+    refresh_last_pooled_block,
     select_blocks,
 )
 
@@ -93,6 +107,125 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, q_start: int, causal: bool) -> Tenso
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+def _check_lengths(q: Tensor, k: Tensor, kv_length, kv_start, q_start) -> tuple[Tensor, Tensor]:
+    """Validate the device-side valid range; return (start, length) as (B,) int64 (no host sync)."""
+    B = q.shape[0]
+    if q.shape[2] != 1:
+        raise DsCoreError(
+            f"kv_length: a device-side length serves one-token decode, q has {q.shape[2]} queries"
+        )
+    if q_start is not None:
+        raise DsCoreError("q_start: not used with kv_length (the query is the token in slot kv_length - 1)")
+    for name, t in (("kv_length", kv_length), ("kv_start", kv_start)):
+        if t is None and name == "kv_start":
+            continue
+        if not isinstance(t, Tensor):
+            raise DsCoreError(f"{name}: expected an integer torch.Tensor, got {type(t).__name__}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise DsCoreError(f"{name}: expected an integer tensor, got dtype {t.dtype}")
+        if t.device != q.device:
+            raise DsCoreError(f"{name}: expected device {q.device} like q, got {t.device}")
+        if t.dim() > 1 or t.numel() not in (1, B):
+            raise DsCoreError(f"{name}: expected shape (), (1,) or ({B},), got {tuple(t.shape)}")
+    length = kv_length.reshape(-1).long().expand(B)  # the kernels read it with its stride (0 or 1)
+    if kv_start is None:
+        return torch.zeros(B, dtype=torch.long, device=q.device), length
+    start = kv_start.reshape(-1).long()
+    return (start if start.numel() == B else start.expand(B).contiguous()), length
+
+
+_tables: dict[tuple, tuple[Tensor, int]] = {}
+
+
+def _count_table(cfg: SparsityConfig, n_blocks: int, device: torch.device) -> tuple[Tensor, int]:
+    """decode_count_table for this config on `device`, and its largest entry; cached (built once,
+    before a CUDA graph is captured, so replays never copy from the host)."""
+    keep = cfg.attention_keep_keys
+    bs = cfg.attention_block_size
+    key = (device, n_blocks, bs, cfg.sink_blocks, cfg.local_blocks, cfg.attention_sparse_ratio, keep)
+    if key not in _tables:
+        table = decode_count_table(
+            n_blocks,
+            sink_blocks=cfg.sink_blocks,
+            local_blocks=max(1, cfg.local_blocks),
+            keep_fraction=1.0 - cfg.attention_sparse_ratio,
+            keep_blocks=None if keep is None else -(-keep // bs),
+        )
+        dense = bool((table == torch.arange(n_blocks + 1)).all())  # the budget keeps every block
+        _tables[key] = (table.to(device), -1 if dense else int(table.max()))
+    return _tables[key]
+
+
+@torch.compiler.disable
+def _dynamic_decode(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cfg: SparsityConfig,
+    start: Tensor,
+    length: Tensor,
+    pooled_k: Tensor | None,
+    backend: str,
+) -> Tensor:
+    # Never traced by torch.compile (a graph break; inside a captured CUDA graph it costs nothing):
+    # the Triton launches update the pooled-key cache and atomic tickets in place.
+    B, Hkv, S, D = k.shape
+    bs = cfg.attention_block_size
+    n_blocks = -(-S // bs)
+    table, max_count = _count_table(cfg, n_blocks, q.device)
+    if (cfg.attention_sparse_ratio == 0.0 and cfg.attention_keep_keys is None) or max_count < 0:
+        backends.resolve(backend, q.device)
+        if isinstance(pooled_k, Tensor) and pooled_k.dim() == 4 and pooled_k.shape[2] >= S // bs:
+            refresh_last_pooled_block(k, pooled_k, bs, start, length)  # the cache stays exact
+        slot = torch.arange(S, device=q.device)
+        mask = (slot >= start[:, None]) & (slot < length[:, None])  # (B, S)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask[:, None, None], enable_gqa=Hkv != q.shape[1]
+        )
+    if pooled_k is None:  # no cache kept by the caller: pool every valid block (reads all of K)
+        pooled_k = pool_keys_from(k, bs, start, length, n_blocks).to(k.dtype)
+    elif (
+        not isinstance(pooled_k, Tensor)
+        or pooled_k.dim() != 4
+        or (pooled_k.shape[0], pooled_k.shape[1], pooled_k.shape[3]) != (B, Hkv, D)
+        or pooled_k.shape[2] < S // bs
+    ):
+        got = tuple(pooled_k.shape) if isinstance(pooled_k, Tensor) else type(pooled_k).__name__
+        raise DsCoreError(f"pooled_k: expected shape ({B}, {Hkv}, >={S // bs}, {D}), got {got}")
+    elif pooled_k.device != q.device:
+        raise DsCoreError(f"pooled_k: expected device {q.device} like q, got {pooled_k.device}")
+    geometry = dict(
+        start=start,
+        length=length,
+        pooled_k=pooled_k,
+        count_table=table,
+        max_count=max_count,
+        block_size=bs,
+        sink_blocks=cfg.sink_blocks,
+        local_blocks=max(1, cfg.local_blocks),
+    )
+    name = backends.resolve(backend, q.device)
+    if name == "triton":
+        why = _triton_unsupported(q, k, bs)
+        if why is None and n_blocks > _max_select_blocks():
+            why = f"at most {_max_select_blocks()} key blocks for the Triton selection, got {n_blocks}"
+        if why is not None:
+            if backend == "triton" or backends.forced_backend() == "triton":
+                raise DsCoreError(f"backend: {why}")
+            name = "torch"
+    if name == "triton":
+        from ds_core.kernels.triton_attention import dynamic_decode
+
+        return dynamic_decode(q, k, v, **geometry)
+    return dynamic_decode_attention(q, k, v, **geometry)
+
+
+def _max_select_blocks() -> int:
+    from ds_core.kernels.triton_attention import MAX_SELECT_BLOCKS
+
+    return MAX_SELECT_BLOCKS
+
+
 def _triton_unsupported(q: Tensor, k: Tensor, block_size: int) -> str | None:
     """Why the Triton kernels cannot take this problem, or None."""
     if block_size < 16 or block_size & (block_size - 1):
@@ -114,6 +247,8 @@ def sparse_attention(
     q_start: int | None = None,
     backend: str = "auto",
     pooled_k: Tensor | None = None,
+    kv_length: Tensor | None = None,
+    kv_start: Tensor | None = None,
 ) -> Tensor:
     """Causal attention over the selected key blocks: q (B, Hq, Tq, D), k/v (B, Hkv, S, D) -> (B, Hq, Tq, D).
 
@@ -121,7 +256,24 @@ def sparse_attention(
     ``q_start .. q_start + Tq - 1`` of the S keys (default: the last Tq). ``pooled_k``
     (B, Hkv, >= S // block_size, D) is an optional cache of mean keys per block (see
     ``pool_keys``); without it the means are computed from k.
+
+    Fixed-shape decode (Tq = 1): with ``kv_length`` (an integer tensor, () / (1,) / (B,)), k and v
+    are the whole cache and row b's keys are slots ``kv_start[b] .. kv_length[b] - 1`` (kv_start
+    (B,), default 0: left padding before it), the query being the last of them. The result is
+    that of ``sparse_attention(q[b:b+1], k[b:b+1, :, kv_start[b]:kv_length[b]], ...)``, with
+    no host sync. ``pooled_k`` is then laid out per row from kv_start, and its row of the
+    latest complete block is rewritten by the call (so calling once per step keeps it exact).
+    The values must satisfy 0 <= kv_start < kv_length <= S (not checked: that would sync).
     """
+    if kv_length is not None or kv_start is not None:
+        if kv_length is None:
+            raise DsCoreError("kv_start: only meaningful with kv_length")
+        _check_inputs(q, k, v, None, causal)
+        start, length = _check_lengths(q, k, kv_length, kv_start, q_start)
+        cfg = SparsityConfig() if sparsity is None else sparsity
+        if not isinstance(cfg, SparsityConfig):
+            raise DsCoreError(f"sparsity: expected a SparsityConfig or None, got {type(cfg).__name__}")
+        return _dynamic_decode(q, k, v, cfg, start, length, pooled_k, backend)
     q_start = _check_inputs(q, k, v, q_start, causal)
     cfg = SparsityConfig() if sparsity is None else sparsity
     if not isinstance(cfg, SparsityConfig):

@@ -6,7 +6,8 @@ padding, so every row sees its own RoPE positions and never attends to padding (
 On CUDA the one-token decode step runs without per-token Python overhead (gpt-fast style: a
 static cache, shapes that never change between steps):
   "compile"     the default on CUDA. Dense models: torch.compile(mode="reduce-overhead",
-                fullgraph=True), fused kernels captured in a CUDA graph. Sparse models: ds_core's
+                fullgraph=True), fused kernels captured in a CUDA graph (batch 1 of a narrow model:
+                inductor's tuned matrix-vector reductions, GEMV_COMPILE_OPTIONS). Sparse models: ds_core's
                 sparse MLP picks its kernels on the host (cached per weight version), which dynamo
                 cannot trace; the step is compiled with graph breaks there, and the whole of it is
                 captured once with torch.cuda.CUDAGraph and replayed.
@@ -241,14 +242,29 @@ def _is_sparse(model: Transformer) -> bool:
 
 _compiled: dict[str, object] = {}
 
+# Inductor settings of the dense decode step (torch.compile options; "triton.cudagraphs" is what
+# mode="reduce-overhead" sets). At batch 1 the step is a chain of matrix-vector products, each
+# reading its weight once. cuBLAS's GEMVs reach ~2.7 TB/s on ds-7b's matrices but only 0.9-2.1 TB/s
+# on ds-1.5b's (d_model 1536), where launch latency dominates the small q/k/v/o reads. There,
+# coordinate_descent_tuning pays: inductor rewrites an mm of one row into a multiply-and-sum
+# reduction (its decomposition of aten.mm), tunes each such kernel's block sizes, and fuses
+# neighbouring work into it (gate with up, SiLU * up into down, RMSNorm, the logits' float cast).
+# Measured on an H100 (docs/benchmarks/ds-models.md, ds-1.5b): 2.25 -> 2.07-2.21 ms per step; the
+# compile takes ~70 s instead of ~40 s (~30 s from inductor's on-disk cache). Wider models and
+# larger batches keep the plain setting, which is what was measured for them.
+DENSE_COMPILE_OPTIONS: dict[str, object] = {"triton.cudagraphs": True}
+GEMV_COMPILE_OPTIONS: dict[str, object] = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+GEMV_MAX_D_MODEL = 2048
+
 
 def _compiled_decode_step(model, cache, tokens, input_pos):
     """Dense models: one graph, compiled and captured by torch.compile's CUDA graph trees."""
-    if "reduce-overhead" not in _compiled:
-        _compiled["reduce-overhead"] = torch.compile(
-            _decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False
-        )
-    return _compiled["reduce-overhead"](model, cache, tokens, input_pos)
+    gemv = tokens.shape[0] == 1 and model.config.d_model <= GEMV_MAX_D_MODEL
+    key = "dense-gemv" if gemv else "dense"
+    if key not in _compiled:
+        options = GEMV_COMPILE_OPTIONS if gemv else DENSE_COMPILE_OPTIONS
+        _compiled[key] = torch.compile(_decode_step, options=dict(options), fullgraph=True, dynamic=False)
+    return _compiled[key](model, cache, tokens, input_pos)
 
 
 def _compiled_for_capture(model, cache, tokens, input_pos):

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ds_core import SparseMLP, SparsityConfig, sparse_attention
+from ds_core.sparse_attention import pool_keys
 from ds_models.config import ModelConfig, ModelError
 
 if TYPE_CHECKING:
@@ -90,12 +91,21 @@ class KVCache:
         self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self.has_padding = False  # host-side flag: no device sync needed to pick the attention path
         # Set by generate for its captured / compiled decode steps, which need the same shapes every
-        # step: ds_core's sparse_attention takes the valid prefix, whose length changes, so such
-        # steps attend densely (over the masked cache); they also use fused q/k/v weights.
+        # step (they also use fused q/k/v weights). Sparse attention keeps working there: one-token
+        # steps give ds_core the whole cache and the valid length as a device tensor.
         self.fixed_shapes = False
+        # Sparse attention: the mean key of every block of each row (counted from the row's first
+        # token, after its padding), so a decode step scores blocks without reading all of K.
+        # Prefills fill it (pool_written); each decode step's sparse_attention call refreshes the
+        # block its new key completes.
+        self.block_size = SparsityConfig().attention_block_size
+        self.pooled: list[torch.Tensor] | None = None
+        if config.attention_sparse_ratio > 0:
+            pooled = (batch_size, config.n_kv_heads, -(-max_len // self.block_size), config.head_dim)
+            self.pooled = [torch.zeros(pooled, device=device, dtype=dtype) for _ in range(config.n_layers)]
         if self.pad.is_cuda:
             # Tell torch.compile's CUDA graphs these inputs keep their address (no copy per step).
-            for t in [*self.k, *self.v, self.pad]:
+            for t in [*self.k, *self.v, self.pad, *(self.pooled or [])]:
                 torch._dynamo.mark_static_address(t)
 
     @property
@@ -119,6 +129,29 @@ class KVCache:
         self.k[layer].index_copy_(2, input_pos, k)
         self.v[layer].index_copy_(2, input_pos, v)
         return self.k[layer], self.v[layer]
+
+    def pool_written(self, first: int, length: int) -> None:
+        """Refresh the pooled keys of every block holding slots first..length-1 (after a prefill).
+
+        Row b's blocks start at its first token (slot pad[b]), as ds_core's device-length decode
+        expects. Host ints: prefills run eagerly.
+        """
+        if self.pooled is None:
+            return
+        if not self.has_padding:
+            for k, pooled in zip(self.k, self.pooled):
+                pool_keys(k[:, :, :length], self.block_size, out=pooled, start=first)
+            return
+        for b, pad in enumerate(self.pad.tolist()):
+            if length <= pad:
+                continue
+            for k, pooled in zip(self.k, self.pooled):
+                pool_keys(
+                    k[b : b + 1, :, pad:length],
+                    self.block_size,
+                    out=pooled[b : b + 1],
+                    start=max(0, first - pad),
+                )
 
 
 # ---- attention ---------------------------------------------------------------------------------
@@ -217,8 +250,20 @@ class Attention(nn.Module):
             assert input_pos is not None
             k, v = cache.update(self.layer_idx, input_pos, k, v)  # (B, K, S, D)
 
-        if self.sparsity is not None and mask is None:
-            # Unpadded rows: ds_core picks sinks + local window + top key blocks per GQA group.
+        if self.sparsity is not None and isinstance(cache, _DecodeView):
+            # One-token step over the whole cache, valid slots pad[b] .. input_pos on the device:
+            # the same call in eager, captured and compiled decode (no host sync, fixed shapes).
+            y = _sparse_decode(
+                q,
+                k,
+                v,
+                sparsity=self.sparsity,
+                kv_length=cache.length,
+                kv_start=cache.pad,
+                pooled_k=cache.pooled[self.layer_idx],
+            )
+        elif self.sparsity is not None and mask is None:
+            # Unpadded prefill: ds_core picks sinks + local window + top key blocks per GQA group.
             y = sparse_attention(q, k, v, sparsity=self.sparsity, causal=True)
         elif mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -226,6 +271,11 @@ class Attention(nn.Module):
             y = _masked_gqa_attention(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
+
+
+# ds_core validates its inputs in Python and launches Triton kernels that update the pooled-key
+# cache in place: under torch.compile the call is a graph break (free inside the captured graph).
+_sparse_decode = torch.compiler.disable(sparse_attention)
 
 
 def _masked_gqa_attention(q, k, v, bias):
@@ -312,6 +362,7 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         device = input_ids.device
         mask = None
+        pool_after = None
         if cache is None:
             if input_pos is not None:
                 raise ModelError("input_pos: only meaningful with a cache")
@@ -331,14 +382,22 @@ class Transformer(nn.Module):
             if attention_mask is not None:
                 cache.set_padding(attention_mask)
             positions = input_pos[None, :] - cache.pad[:, None]  # (B, T)
-            slots = torch.arange(cache.max_len, device=device)  # (S,)
-            mask = slots[None, None, :] <= input_pos[None, :, None]  # (1, T, S) causal over slots
-            mask = mask & (slots[None, None, :] >= cache.pad[:, None, None])  # (B, T, S) skip padding
-            mask = (mask | (slots[None, None, :] == input_pos[None, :, None]))[:, None]  # (B, 1, T, S)
-            if self.config.attention_sparse_ratio > 0 and not (cache.has_padding or cache.fixed_shapes):
-                # ds_core.sparse_attention takes the valid prefix of the cache and no mask.
-                mask = None
-                cache = _PrefixView(cache, int(input_pos[-1]) + 1)
+            sparse = self.config.attention_sparse_ratio > 0
+            if sparse and T == 1:
+                # Decode: ds_core reads the valid length (and each row's padding) on the device.
+                cache = _DecodeView(cache, input_pos + 1)
+            else:
+                slots = torch.arange(cache.max_len, device=device)  # (S,)
+                mask = slots[None, None, :] <= input_pos[None, :, None]  # (1, T, S) causal over slots
+                mask = mask & (slots[None, None, :] >= cache.pad[:, None, None])  # (B, T, S) skip padding
+                mask = (mask | (slots[None, None, :] == input_pos[None, :, None]))[:, None]  # (B, 1, T, S)
+            if sparse and T > 1 and not cache.fixed_shapes:
+                first, length = int(input_pos[0]), int(input_pos[-1]) + 1
+                pool_after = cache  # the pooled keys of the prefilled blocks, for later decode steps
+                if not cache.has_padding:
+                    # ds_core.sparse_attention takes the valid prefix of the cache and no mask.
+                    mask = None
+                    cache = _PrefixView(cache, length)
 
         x = self.embed_tokens(input_ids)  # (B, T, d_model)
         if mask is not None:
@@ -349,6 +408,8 @@ class Transformer(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, input_pos, cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, input_pos, cache)
+        if pool_after is not None:
+            pool_after.pool_written(first, length)
         return self.norm(x)
 
     def forward(
@@ -390,6 +451,17 @@ class Transformer(nn.Module):
         from ds_models.checkpoint import load_pretrained
 
         return load_pretrained(name_or_dir, device=device, dtype=dtype)
+
+
+class _DecodeView:
+    """A KVCache during a one-token step of a sparse-attention model: `length` (1,) = input_pos + 1."""
+
+    def __init__(self, cache: KVCache, length: torch.Tensor) -> None:
+        self.cache, self.length = cache, length
+        self.pad, self.pooled, self.fixed_shapes = cache.pad, cache.pooled, cache.fixed_shapes
+
+    def update(self, layer, input_pos, k, v):
+        return self.cache.update(layer, input_pos, k, v)
 
 
 class _PrefixView:

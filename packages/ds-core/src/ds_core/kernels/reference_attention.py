@@ -245,3 +245,148 @@ def gather_sparse_attention(
         out[:, :, c0:c1] = (att.softmax(dim=-1) @ vs.float()).to(q.dtype)
     out = out.view(B, Hkv, nqb, G, L, D).permute(0, 1, 3, 2, 4, 5).reshape(B, Hq, nqb * L, D)
     return out[:, :, lead : lead + Tq]
+
+
+# --------------------------------------------------------------------------------------------
+# decode with the valid length on the device (a fixed-shape, captured decode step)
+# --------------------------------------------------------------------------------------------
+# Row b of a fixed-size cache (B, Hkv, S_max, D) holds its keys in slots [start[b], length[b]);
+# the query is the token in slot length[b] - 1. The semantics are those of the functions above
+# applied to k[b, :, start[b]:length[b]]: blocks are counted from the row's first key, so a
+# left-padded row selects exactly as it would unpadded. The pooled-key cache of such a row is
+# laid out the same way (its block j is the mean of slots start + j*bs .. start + (j+1)*bs - 1).
+
+
+def decode_count_table(
+    n_blocks: int, *, sink_blocks: int, local_blocks: int, keep_fraction: float, keep_blocks: int | None
+) -> Tensor:
+    """Kept blocks of a decode query that sees n visible blocks, for n = 0 .. n_blocks: (n_blocks + 1,) int64.
+
+    The query sits in the last visible block, so its count depends on n only; indexing this
+    table on the device replaces ``block_counts`` where the length is a tensor (exact: the
+    rounding is done here, in float64, once).
+    """
+    counts = block_counts(
+        0,
+        n_blocks,
+        n_blocks,
+        causal=True,
+        sink_blocks=sink_blocks,
+        local_blocks=local_blocks,
+        keep_fraction=keep_fraction,
+        keep_blocks=keep_blocks,
+    )
+    return torch.cat([counts.new_zeros(1), counts])
+
+
+def pool_keys_from(k: Tensor, block_size: int, start: Tensor, length: Tensor, n_rows: int) -> Tensor:
+    """Pooled keys (B, Hkv, n_rows, D) float32 of each row's valid slots [start, length), row-relative.
+
+    A partial block is the mean of its valid keys; blocks past the valid keys are 0.
+    """
+    B, H, S, D = k.shape
+    rel = torch.arange(n_rows * block_size, device=k.device)  # (R,)
+    slots = (start[:, None] + rel).clamp(max=S - 1)  # (B, R)
+    kk = k.gather(2, slots[:, None, :, None].expand(B, H, rel.numel(), D)).float()
+    valid = (rel[None, :] < (length - start)[:, None]).view(B, 1, n_rows, block_size, 1)
+    kk = kk.view(B, H, n_rows, block_size, D) * valid
+    return kk.sum(dim=3) / valid.sum(dim=3).clamp(min=1)
+
+
+def refresh_last_pooled_block(
+    k: Tensor, pooled: Tensor, block_size: int, start: Tensor, length: Tensor
+) -> None:
+    """Rewrite, in place, the pooled row of each row's latest complete block (``n // bs - 1``).
+
+    Called at every decode step (the length grows by one), this keeps a pooled-key cache exact:
+    a block's mean is written once all its keys are in the cache. Rows with no complete block
+    keep their values. Device ops only (no host sync), so it runs inside a captured graph.
+    """
+    B, H, S, D = k.shape
+    c = (length - start) // block_size - 1  # (B,)
+    row = c.clamp(min=0)
+    slots = ((start + row * block_size)[:, None] + torch.arange(block_size, device=k.device)).clamp(max=S - 1)
+    kb = k.gather(2, slots[:, None, :, None].expand(B, H, block_size, D))  # (B, H, bs, D)
+    mean = (kb.sum(dim=2, dtype=torch.float32) / block_size).to(pooled.dtype)  # (B, H, D)
+    where = row.view(B, 1, 1, 1).expand(B, H, 1, D)
+    old = pooled.gather(2, where)[:, :, 0]
+    pooled.scatter_(2, where, torch.where((c >= 0).view(B, 1, 1), mean, old)[:, :, None])
+
+
+def decode_scores_dynamic(
+    q: Tensor,
+    pooled_k: Tensor,
+    *,
+    block_size: int,
+    start: Tensor,
+    length: Tensor,
+    n_blocks: int,
+    sink_blocks: int,
+    local_blocks: int,
+) -> Tensor:
+    """Masked block scores (B, Hkv, n_blocks) float32 of one decode query per row (+inf forced, -inf invisible)."""
+    B, Hq, _, D = q.shape
+    Hkv = pooled_k.shape[1]
+    qsum = q.reshape(B, Hkv, Hq // Hkv, D).sum(dim=2, dtype=torch.float32)  # (B, Hkv, D)
+    n_pooled = min(pooled_k.shape[2], n_blocks)
+    scores = torch.zeros(B, Hkv, n_blocks, device=q.device)
+    scores[..., :n_pooled] = (qsum[:, :, None, :] @ pooled_k[:, :, :n_pooled].float().transpose(-1, -2))[
+        :, :, 0
+    ]
+    qblock = (length - start - 1) // block_size  # (B,): the query's block, row-relative
+    j = torch.arange(n_blocks, device=q.device)[None, :]
+    visible = j <= qblock[:, None]  # (B, n_blocks)
+    forced = (j < sink_blocks) | (visible & (j > qblock[:, None] - max(1, local_blocks)))
+    scores = scores.masked_fill((forced & visible)[:, None], math.inf)
+    return scores.masked_fill(~visible[:, None], -math.inf)
+
+
+def dynamic_decode_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    start: Tensor,
+    length: Tensor,
+    pooled_k: Tensor,
+    count_table: Tensor,
+    max_count: int,
+    block_size: int,
+    sink_blocks: int,
+    local_blocks: int,
+) -> Tensor:
+    """One decode query per row over a fixed-size cache, valid length on the device -> (B, Hq, 1, D).
+
+    ``start``, ``length`` (B,) int64; ``count_table`` from ``decode_count_table`` (on q's device),
+    ``max_count`` its largest entry (a host int: the static width of the selection). Refreshes
+    the latest complete block of ``pooled_k`` first (``refresh_last_pooled_block``). The CPU
+    path: scores, a top-``max_count`` masked by each row's count, a gather of the kept blocks.
+    """
+    B, Hq, _, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G, bs = Hq // Hkv, block_size
+    n_blocks = -(-S // bs)
+    refresh_last_pooled_block(k, pooled_k, bs, start, length)
+    scores = decode_scores_dynamic(
+        q,
+        pooled_k,
+        block_size=bs,
+        start=start,
+        length=length,
+        n_blocks=n_blocks,
+        sink_blocks=sink_blocks,
+        local_blocks=local_blocks,
+    )
+    n = length - start  # (B,) valid keys
+    count = count_table[(n - 1) // bs + 1]  # (B,)
+    top = scores.topk(max_count, dim=-1).indices  # (B, Hkv, kmax): forced first, then best
+    keep = torch.arange(max_count, device=q.device) < count[:, None, None]
+    kpos = top[..., None] * bs + torch.arange(bs, device=q.device)  # (B, Hkv, kmax, bs) row-relative
+    valid = (keep[..., None] & (kpos < n[:, None, None, None])).reshape(B, Hkv, 1, max_count * bs)
+    slots = (start[:, None, None, None] + kpos).clamp(max=S - 1).reshape(B, Hkv, max_count * bs, 1)
+    ks = k.gather(2, slots.expand(-1, -1, -1, D)).float()  # (B, Hkv, K, D)
+    vs = v.gather(2, slots.expand(-1, -1, -1, D)).float()
+    att = (q.reshape(B, Hkv, G, D).float() @ ks.transpose(-1, -2)) / math.sqrt(D)  # (B, Hkv, G, K)
+    att = att.masked_fill(~valid, -math.inf)
+    out = att.softmax(dim=-1) @ vs  # (B, Hkv, G, D)
+    return out.reshape(B, Hq, 1, D).to(q.dtype)

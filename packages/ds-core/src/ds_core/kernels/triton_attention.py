@@ -36,6 +36,9 @@ from ds_core.config import DsCoreError
 from ds_core.kernels.reference_attention import block_scores, pool_keys, select_blocks
 
 MAX_SELECT_BLOCKS = 1 << 16  # _select_kernel holds a row of scores in registers
+# dynamic-length decode: caches of at most 64 blocks that keep at most this many are scored,
+# selected and attended by one program per row (one launch); longer ones split the attention
+FUSED_MAX_BLOCKS = 16
 
 
 def _num_sms(device: torch.device) -> int:
@@ -60,9 +63,12 @@ def _decode_scores_kernel(
     s_qb, s_qh, s_qd,
     s_pb, s_ph, s_pn, s_pd,
     Hkv, n_pooled, n_blocks, qblock, sink_blocks, local_blocks,
-    IDX, TICKET, count,
+    IDX, TICKET, count, s_ir,
+    K, s_kb, s_kh, s_ks, s_kd, START, LEN, s_len, TABLE,
+    V, s_vb, s_vh, s_vs, s_vd, Out, s_ob, s_oh, s_od, sm_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, SELECT: tl.constexpr, NB: tl.constexpr,
+    BS: tl.constexpr, DYN: tl.constexpr, ATTN: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)  # (batch, KV head): one GQA group
     b = row // Hkv
@@ -76,6 +82,23 @@ def _decode_scores_kernel(
     p_ptr = P + b * s_pb + h * s_ph + j[:, None] * s_pn + d[None, :] * s_pd
     pk = tl.load(p_ptr, mask=(j < n_pooled)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
     score = tl.sum(pk * qsum[None, :], axis=1)  # (BLOCK_N,)
+    if DYN:
+        # the valid keys of this row are slots [start, length), read on the device: the step can
+        # be captured once and replayed at every length (blocks count from the row's first key)
+        st = tl.load(START + b).to(tl.int64)
+        n_valid = tl.load(LEN + b * s_len).to(tl.int64) - st
+        qblock = (n_valid - 1) // BS
+        count = tl.load(TABLE + qblock + 1).to(tl.int32)
+        # the latest complete block: its mean joins the pooled-key cache here, so the cache stays
+        # exact as the length grows; the one program holding that block computes it from K
+        c = n_valid // BS - 1
+        if (c >= 0) & (c // BLOCK_N == tl.program_id(1)):
+            o = tl.arange(0, BS)
+            k_ptr = K + b * s_kb + h * s_kh + (st + c * BS + o)[:, None] * s_ks + d[None, :] * s_kd
+            kb = tl.load(k_ptr, mask=(d < D)[None, :], other=0.0).to(tl.float32)  # (BS, BLOCK_D)
+            mean = (tl.sum(kb, axis=0) / BS).to(P.dtype.element_ty)
+            tl.store(P + b * s_pb + h * s_ph + c * s_pn + d * s_pd, mean, mask=d < D)
+            score = tl.where(j == c, tl.sum(mean.to(tl.float32) * qsum, axis=0), score)
     forced = (j < sink_blocks) | ((j <= qblock) & (j > qblock - local_blocks))
     if CAUSAL:
         visible = j <= qblock
@@ -84,13 +107,31 @@ def _decode_scores_kernel(
     score = tl.where(forced & visible, float("inf"), score)
     score = tl.where(visible, score, float("-inf"))
     tl.store(OUT + row * n_blocks + j, score, mask=j < n_blocks)
-    if SELECT:
+    if ATTN:
+        # a short row (one program holds all its blocks): select and attend here, one launch in
+        # all (dynamic-length decode of a small cache, where two launches cost more than the keys)
+        tl.debug_barrier()
+        _select_row(OUT, IDX, row, n_blocks, count, s_ir, NB, True)
+        tl.debug_barrier()
+        q = tl.load(q_ptr, mask=(g < G)[:, None] & (d < D)[None, :], other=0.0)  # (G_PAD, BLOCK_D)
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+        m_i, l_i, acc = _attend_blocks(
+            q, K + b * s_kb + h * s_kh + st * s_ks, V + b * s_vb + h * s_vh + st * s_vs, IDX + row * s_ir,
+            0, count, n_valid, n_valid - 1, s_ks, s_kd, s_vs, s_vd, sm_scale * 1.4426950408889634,
+            m_i, l_i, acc, BLOCK_D, D, BS, True, PRECISION,
+        )  # fmt: skip
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_ptr = Out + b * s_ob + (h * G + g)[:, None] * s_oh + d[None, :] * s_od
+        tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=(g < G)[:, None] & (d < D)[None, :])
+    elif SELECT:
         # the row's last program to finish selects its top `count` blocks (no second launch);
         # the barrier + acq_rel ticket publish every program's scores first
         tl.debug_barrier()
         ticket = tl.atomic_add(TICKET + row, 1, sem="acq_rel")
         if ticket == tl.num_programs(1) - 1:
-            _select_row(OUT, IDX, row, n_blocks, count, NB, True)
+            _select_row(OUT, IDX, row, n_blocks, count, s_ir, NB, True)
             tl.atomic_xchg(TICKET + row, 0)  # ready for the next launch (and CUDA-graph replays)
 
 
@@ -150,14 +191,17 @@ def _decode_scores(
     idx = torch.empty(B, Hkv, 1, count if select else 1, device=q.device, dtype=torch.int32)
     NB = max(16, triton.next_power_of_2(n_blocks))
     BLOCK_N = 64
+    count = count if select else 1
     _decode_scores_kernel[(B * Hkv, triton.cdiv(n_blocks, BLOCK_N))](
         q, pooled_k, out,
         q.stride(0), q.stride(1), q.stride(3),
         pooled_k.stride(0), pooled_k.stride(1), pooled_k.stride(2), pooled_k.stride(3),
         Hkv, min(pooled_k.shape[2], n_blocks), n_blocks, q_start // block_size, sink_blocks, local_blocks,
-        idx, _ticket_buffer(q.device, B * Hkv, "select"), count if select else 1,
+        idx, _ticket_buffer(q.device, B * Hkv, "select"), count, count,
+        q, 0, 0, 0, 0, idx, idx, 0, idx,  # K / START / LEN / TABLE: the dynamic-length mode only
+        q, 0, 0, 0, 0, q, 0, 0, 0, 1.0,  # V / Out / sm_scale: its fused short-row attention only
         G=G, G_PAD=triton.next_power_of_2(G), D=D, BLOCK_D=triton.next_power_of_2(D),
-        BLOCK_N=BLOCK_N, CAUSAL=causal, SELECT=select, NB=NB,
+        BLOCK_N=BLOCK_N, CAUSAL=causal, SELECT=select, NB=NB, BS=16, DYN=False, ATTN=False, PRECISION="ieee",
         num_warps=num_warps or (_fused_select_warps(NB) if select else _select_warps(NB)),
     )  # fmt: skip
     return out, idx
@@ -169,8 +213,9 @@ def _decode_scores(
 
 
 @triton.jit
-def _select_row(SC, IDX, row, n_blocks, count, NB: tl.constexpr, CG: tl.constexpr):
-    """Write the ``count`` largest of row ``row`` of SC (ties to the lower index) as ascending indices."""
+def _select_row(SC, IDX, row, n_blocks, count, s_ir, NB: tl.constexpr, CG: tl.constexpr):
+    """Write the ``count`` largest of row ``row`` of SC (ties to the lower index) as ascending
+    indices, to IDX + row * s_ir."""
     j = tl.arange(0, NB)
     if CG:  # written by other programs of this launch: read from L2, L1 may hold stale lines
         x = tl.load(SC + row * n_blocks + j, mask=j < n_blocks, other=float("-inf"), cache_modifier=".cg")
@@ -193,12 +238,12 @@ def _select_row(SC, IDX, row, n_blocks, count, NB: tl.constexpr, CG: tl.constexp
     need = count - tl.sum(above.to(tl.int32), axis=0)
     keep = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))  # ties: lower index first
     slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-    tl.store(IDX + row * count + slot, j, mask=keep)
+    tl.store(IDX + row * s_ir + slot, j, mask=keep)
 
 
 @triton.jit
 def _select_kernel(SC, IDX, n_blocks, count, NB: tl.constexpr):
-    _select_row(SC, IDX, tl.program_id(0), n_blocks, count, NB, False)
+    _select_row(SC, IDX, tl.program_id(0), n_blocks, count, count, NB, False)
 
 
 def _select_warps(NB: int) -> int:
@@ -266,38 +311,16 @@ def _merge_splits(
 
 
 @triton.jit
-def _decode_attn_kernel(
-    Q, K, V, IDX, OP, ML, Out, TICKET,
-    s_qb, s_qh, s_qd,
-    s_kb, s_kh, s_ks, s_kd,
-    s_vb, s_vh, s_vs, s_vd,
-    s_ob, s_oh, s_od,
-    s_ir,
-    sm_scale, Hkv, S, qpos, count, per_split,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BS: tl.constexpr, N_SPLITS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+def _attend_blocks(
+    q, k_base, v_base, idx, lo, hi, S, qpos, s_ks, s_kd, s_vs, s_vd, qk_scale, m_i, l_i, acc,
+    BLOCK_D: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)  # (batch, KV head): one GQA group
-    split = tl.program_id(1)  # which slice of the row's kept blocks
-    b = row // Hkv
-    h = row % Hkv
-    g = tl.arange(0, G_PAD)
+    """Online softmax of the query rows q (G_PAD, BLOCK_D) over kept blocks idx[lo:hi]: (m, l, acc)."""
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    # all query heads of the group are the M side of the dot: each K/V block is read once
-    q_ptr = Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :] * s_qd
-    q = tl.load(q_ptr, mask=(g < G)[:, None] & dmask[None, :], other=0.0)  # (G_PAD, BLOCK_D)
-    qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2
-    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
-    k_base = K + b * s_kb + h * s_kh
-    v_base = V + b * s_vb + h * s_vh
-    lo = split * per_split
-    hi = tl.minimum(lo + per_split, count)
     offs = tl.arange(0, BS)
     for n in range(lo, hi):
-        kpos = tl.load(IDX + row * s_ir + n).to(tl.int64) * BS + offs
+        kpos = tl.load(idx + n).to(tl.int64) * BS + offs
         kmask = kpos < S
         if CAUSAL:
             kmask = kmask & (kpos <= qpos)
@@ -313,6 +336,52 @@ def _decode_attn_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _decode_attn_kernel(
+    Q, K, V, IDX, OP, ML, Out, TICKET,
+    s_qb, s_qh, s_qd,
+    s_kb, s_kh, s_ks, s_kd,
+    s_vb, s_vh, s_vs, s_vd,
+    s_ob, s_oh, s_od,
+    s_ir,
+    sm_scale, Hkv, S, qpos, count, per_split,
+    START, LEN, s_len, TABLE,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BS: tl.constexpr, N_SPLITS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    DYN: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)  # (batch, KV head): one GQA group
+    split = tl.program_id(1)  # which slice of the row's kept blocks
+    b = row // Hkv
+    h = row % Hkv
+    if DYN:  # row b holds its keys in slots [start, length) (device values); see the scores kernel
+        st = tl.load(START + b).to(tl.int64)
+        S = tl.load(LEN + b * s_len).to(tl.int64) - st  # valid keys, row-relative
+        qpos = S - 1
+        count = tl.load(TABLE + (S - 1) // BS + 1).to(tl.int32)
+        K += st * s_ks
+        V += st * s_vs
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    # all query heads of the group are the M side of the dot: each K/V block is read once
+    q_ptr = Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :] * s_qd
+    q = tl.load(q_ptr, mask=(g < G)[:, None] & dmask[None, :], other=0.0)  # (G_PAD, BLOCK_D)
+    qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, count)
+    m_i, l_i, acc = _attend_blocks(
+        q, k_base, v_base, IDX + row * s_ir, lo, hi, S, qpos, s_ks, s_kd, s_vs, s_vd, qk_scale,
+        m_i, l_i, acc, BLOCK_D, D, BS, CAUSAL, PRECISION,
+    )  # fmt: skip
     # publish the partial result: (rows, N_SPLITS, G_PAD, BLOCK_D) and (rows, N_SPLITS, 2, G_PAD)
     part = (row * N_SPLITS + split) * G_PAD
     tl.store(OP + (part + g)[:, None] * BLOCK_D + d[None, :], acc)
@@ -351,10 +420,13 @@ def block_sparse_decode(
     n_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
+    dynamic: tuple | None = None,
 ) -> Tensor:
     """Attention of one query token (q (B, Hq, 1, D)) over the kept blocks ``indices``.
 
-    ``indices`` (B, Hkv, [1,] count): every listed block is used, in any order.
+    ``indices`` (B, Hkv, [1,] count): every listed block is used, in any order. ``dynamic``
+    (internal, ``dynamic_decode``): (start, length, length stride, count table) on the device;
+    each row then uses the first table[visible blocks] entries of its list, row-relative.
     """
     B, Hq, _, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -363,8 +435,8 @@ def block_sparse_decode(
     idx = indices.reshape(rows, count)
     if idx.stride(-1) != 1:
         idx = idx.contiguous()
-    if n_splits is None:  # about two waves of programs, at least one block each
-        n_splits = max(1, min(count, triton.cdiv(2 * _num_sms(q.device), rows)))
+    if n_splits is None:  # two programs per SM (one wave, no straggling partial wave), >= 1 block each
+        n_splits = max(1, min(count, 2 * _num_sms(q.device) // rows))
         if block_size <= 64:
             # small blocks: four per program, three stages deep (H100, 32 blocks of 64 keys, 8
             # rows: 14.9 us against 16.9 us for one block per program; 128-key blocks keep one)
@@ -387,10 +459,74 @@ def block_sparse_decode(
         out.stride(0), out.stride(1), out.stride(3),
         idx.stride(0),
         1.0 / math.sqrt(D), Hkv, S, q_start, count, per_split,
+        *((idx, idx, 0, idx) if dynamic is None else dynamic),
         G=G, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D, BS=block_size, N_SPLITS=n_splits,
-        CAUSAL=causal, PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        CAUSAL=causal, PRECISION=_precision(q.dtype), DYN=dynamic is not None,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
+
+
+def dynamic_decode(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    start: Tensor,
+    length: Tensor,
+    pooled_k: Tensor,
+    count_table: Tensor,
+    max_count: int,
+    block_size: int,
+    sink_blocks: int,
+    local_blocks: int,
+) -> Tensor:
+    """``reference_attention.dynamic_decode_attention`` in two launches, no host sync.
+
+    q (B, Hq, 1, D); k, v the whole fixed-size cache (B, Hkv, S_max, D); ``start`` (B,) and
+    ``length`` (B,) (a stride-0 expand is fine) on the device. The scores kernel refreshes the
+    pooled row of the latest complete block and selects each row's table[n] blocks into a
+    (rows, max_count) list; the attention kernel reads the row's count from the same table.
+    Grid sizes depend only on S_max and max_count, so one captured graph serves every length.
+    """
+    B, Hq, _, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    n_blocks = triton.cdiv(S, block_size)
+    scores = torch.empty(B, Hkv, 1, n_blocks, device=q.device, dtype=torch.float32)
+    idx = torch.empty(B, Hkv, 1, max_count, device=q.device, dtype=torch.int32)
+    NB = max(16, triton.next_power_of_2(n_blocks))
+    BLOCK_N = 64
+    s_len = length.stride(0)
+    # small caches: one program per row scores, selects and attends (one launch instead of two)
+    fused = n_blocks <= BLOCK_N and max_count <= FUSED_MAX_BLOCKS
+    G_PAD = max(16, triton.next_power_of_2(G)) if fused else triton.next_power_of_2(G)
+    out = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype) if fused else q
+    _decode_scores_kernel[(B * Hkv, triton.cdiv(n_blocks, BLOCK_N))](
+        q, pooled_k, scores,
+        q.stride(0), q.stride(1), q.stride(3),
+        pooled_k.stride(0), pooled_k.stride(1), pooled_k.stride(2), pooled_k.stride(3),
+        Hkv, min(pooled_k.shape[2], n_blocks), n_blocks, 0, sink_blocks, max(1, local_blocks),
+        idx, _ticket_buffer(q.device, B * Hkv, "select"), max_count, max_count,
+        k, k.stride(0), k.stride(1), k.stride(2), k.stride(3), start, length, s_len, count_table,
+        v, v.stride(0), v.stride(1), v.stride(2), v.stride(3), out, out.stride(0), out.stride(1), out.stride(3),
+        1.0 / math.sqrt(D),
+        G=G, G_PAD=G_PAD, D=D, BLOCK_D=max(16, triton.next_power_of_2(D)) if fused else triton.next_power_of_2(D),
+        BLOCK_N=BLOCK_N, CAUSAL=True, SELECT=True, NB=NB, BS=block_size, DYN=True, ATTN=fused,
+        PRECISION=_precision(q.dtype), num_warps=4 if fused else _fused_select_warps(NB),
+    )  # fmt: skip
+    if fused:
+        return out
+    return block_sparse_decode(
+        q,
+        k,
+        v,
+        idx,
+        block_size=block_size,
+        q_start=0,
+        causal=True,
+        dynamic=(start, length, s_len, count_table),
+    )
 
 
 # --------------------------------------------------------------------------------------------
