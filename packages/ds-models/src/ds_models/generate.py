@@ -20,6 +20,7 @@ same tokens in every mode.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -53,6 +54,13 @@ def generate(
     by temperature, cut to top_k and to the top_p probability mass, and sampled. `mode` picks how the
     decode step runs (module docstring); "auto" honours the environment variable DS_MODELS_DECODE.
     """
+    parallel = sys.modules.get("ds_models.parallel")  # a sharded model was made by that module
+    if parallel is not None and parallel.is_tensor_parallel(model):
+        if stream:
+            raise ModelError("stream: not supported for a tensor-parallel model (ds_models.parallel)")
+        return parallel.generate_parallel(
+            model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, mode=mode
+        )
     rows = _check_prompts(model, prompts)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ModelError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
