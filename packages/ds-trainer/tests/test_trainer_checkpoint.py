@@ -62,6 +62,24 @@ def test_rng_state_round_trip_weights_only(tmp_path):
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA RNG state needs a GPU")
+def test_cuda_rng_state_is_this_process_gpu_only(tmp_path):
+    """A checkpoint saved where several GPUs were visible resumes where one is: the state holds the
+    process's own GPU, and an older per-GPU list longer than the visible GPUs still restores."""
+    torch.cuda.manual_seed(3)
+    state = rng_state()
+    assert isinstance(state["cuda"], torch.Tensor)
+    save_state(tmp_path / "rng.pt", [state])
+    expected = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed(9)
+    set_rng_state(load_state(tmp_path / "rng.pt")[0])
+    assert torch.equal(torch.rand(4, device="cuda"), expected)
+    old = dict(state, cuda=[state["cuda"]] * (torch.cuda.device_count() + 3))
+    torch.cuda.manual_seed(9)
+    set_rng_state(old)
+    assert torch.equal(torch.rand(4, device="cuda"), expected)
+
+
 class _Evil:
     def __reduce__(self):
         return (print, ("code ran",))

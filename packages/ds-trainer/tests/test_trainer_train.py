@@ -104,3 +104,31 @@ def test_in_memory_model_and_dataset(tiny_config):
     result = DistributedTrainer(cfg, model=model, train_dataset=rows).train()
     assert result.step == 4
     assert Transformer.from_pretrained(result.model_dir).config.vocab_size == 64
+
+
+def test_in_memory_model_resumes_the_checkpoint_weights(tiny_config):
+    """A script that passes a freshly built model and restarts after a stop must continue from the
+    checkpoint's weights, not from its new random ones (the optimizer state alone is restored too)."""
+    from ds_models import ModelConfig
+
+    torch.manual_seed(0)
+    rows = [{"input_ids": torch.randint(0, 64, (17,))} for _ in range(32)]
+    mc = ModelConfig.from_name("ds-tiny", vocab_size=64)
+    cfg = TrainConfig.from_dict(tiny_config).replace(**{"data.seq_len": 16, "schedule.steps": 6})
+
+    def fresh(seed: int) -> Transformer:
+        torch.manual_seed(seed)
+        return Transformer(mc)
+
+    whole = DistributedTrainer(
+        cfg, model=fresh(1), train_dataset=rows, output_dir=cfg.output_dir + "-whole"
+    ).train()
+    DistributedTrainer(cfg, model=fresh(1), train_dataset=rows, stop_after_steps=3).train()
+    resumed = DistributedTrainer(cfg, model=fresh(2), train_dataset=rows).train()  # other random weights
+    assert resumed.resumed_from.endswith("step_00000003") and resumed.step == 6
+    for step in (4, 5, 6):
+        assert resumed.losses[step] == whole.losses[step], step
+    a = Transformer.from_pretrained(whole.model_dir).state_dict()
+    b = Transformer.from_pretrained(resumed.model_dir).state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

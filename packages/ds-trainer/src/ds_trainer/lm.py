@@ -102,6 +102,17 @@ class LMWorkload:
         resume_model = resume_dir / "model" if resume_dir and not cfg.lora.enabled else None
         if self.given_model is not None:
             model, self.parent = self.given_model, "given in-memory model"
+            if resume_model is not None:  # continue from the checkpoint's weights, not the given ones
+                from ds_models import Transformer
+
+                saved = Transformer.from_pretrained(resume_model, dtype=torch.float32).state_dict()
+                try:
+                    model.load_state_dict(saved)
+                except RuntimeError as e:
+                    raise TrainerError(
+                        f"{resume_model}: the checkpoint's weights do not fit the given model ({str(e).splitlines()[0]})"
+                    ) from None
+                del saved
         else:
             model, self.parent = load_model(cfg.model, resume_model)
         self.model_config = model.config
