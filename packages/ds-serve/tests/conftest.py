@@ -10,7 +10,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
@@ -72,6 +71,8 @@ class ServerProcess:
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
 
     def wait_ready(self, timeout: float = 60.0) -> ServerProcess:
+        import httpx  # here, so the in-process tests also run where only torch is installed (GPU machine)
+
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -134,3 +135,20 @@ def tiny(model_dir):
     from ds_models import load_tokenizer
 
     return Transformer.from_pretrained(model_dir).eval(), load_tokenizer(model_dir)
+
+
+@pytest.fixture
+def run_requests():
+    """run_requests(scheduler, reqs) submits every request and waits until all have finished."""
+    import threading
+
+    def run(scheduler, reqs: list, timeout: float = 60) -> list:
+        done = [threading.Event() for _ in reqs]
+        for req, ev in zip(reqs, done):
+            req.on_event = lambda tok, ev=ev: ev.set() if tok is None else None
+            scheduler.submit(req)
+        for ev in done:
+            assert ev.wait(timeout)
+        return reqs
+
+    return run

@@ -43,6 +43,9 @@ def test_missing_model_dir_is_one_line_exit_2(tmp_path):
         (["--onnx", "x"], "--model / --onnx: expected exactly one model directory"),
         (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
         (["--dtype", "fp8"], "--dtype: expected one of fp32, bf16, fp16, got 'fp8'"),
+        (["--prefill", "both"], "invalid choice: 'both'"),
+        (["--step-tokens", "0"], "step_tokens: expected >= 1, got 0"),
+        (["scheduler.cuda_graph=maybe"], "overrides: scheduler.cuda_graph: expected bool, got 'maybe'"),
     ],
 )
 def test_bad_settings_exit_2(model_dir, args, message, capsys):
@@ -80,9 +83,30 @@ def test_config_flags_and_overrides_layer(model_dir, tmp_path, start_server):
     assert [m["id"] for m in r.json()["data"]] == ["from-yaml"]
 
 
+def test_engine_switches_layer(tmp_path):
+    """--no-cuda-graph, --prefill and --step-tokens reach SchedulerConfig; YAML and key=value too."""
+    from ds_serve.cli import build_parser, settings_from_args
+
+    def settings(*argv: str) -> dict:
+        argv = ("serve", "--model", "m", *argv)
+        return settings_from_args(build_parser().parse_args(argv), list(argv[1:]))
+
+    base = settings()
+    assert (base["scheduler.cuda_graph"], base["scheduler.prefill"], base["scheduler.step_tokens"]) == (
+        True, "auto", 256)  # fmt: skip
+    flags = settings("--no-cuda-graph", "--prefill", "separate", "--step-tokens", "64")
+    assert (flags["scheduler.cuda_graph"], flags["scheduler.prefill"], flags["scheduler.step_tokens"]) == (
+        False, "separate", 64)  # fmt: skip
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("scheduler:\n  cuda_graph: false\n  prefill: mixed\n")
+    layered = settings("--config", str(cfg), "scheduler.cuda_graph=true")
+    assert (layered["scheduler.cuda_graph"], layered["scheduler.prefill"]) == (True, "mixed")
+
+
 def test_help_shows_defaults():
     r = ds_serve("serve", "--help")
     assert r.returncode == 0
     assert "--max-batch MAX_BATCH" in r.stdout and "(default: 8)" in r.stdout
     assert "scheduler.max_batch" in r.stdout
+    assert "--no-cuda-graph" in r.stdout and "--step-tokens STEP_TOKENS" in r.stdout
     assert "serve" in ds_serve("--help").stdout

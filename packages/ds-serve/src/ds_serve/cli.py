@@ -7,8 +7,8 @@
 Settings come from the defaults, then --config YAML, then the flags given, then key=value (last
 wins). The YAML file and the keys mirror the config dataclasses: top-level `model`, `onnx`, `host`,
 `port`, `threads`; `scheduler.*` (SchedulerConfig: max_batch, max_len, token_budget, max_queue,
-batching, batch_wait_s, request_timeout_s); `server.*` (ServerConfig: model_name, api_key,
-default_max_tokens, drain_s). Exit codes: 0 ok, 1 failed, 2 bad input (one line on stderr).
+batching, batch_wait_s, request_timeout_s, step_tokens, prefill, cuda_graph); `server.*`
+(ServerConfig: model_name, api_key, default_max_tokens, drain_s). Exit codes: 0 ok, 1 failed, 2 bad input (one line on stderr).
 
 SIGTERM / Ctrl-C: the server stops admitting (new requests get 503), running requests finish for up
 to `server.drain_s` seconds, whatever is left fails cleanly with a 503 error body, then it exits 0.
@@ -47,10 +47,17 @@ SETTINGS: list[tuple[str, str, type, str]] = [
     ("scheduler.batching", "--batching", str, "continuous | fixed (static batches, the baseline)"),
     ("scheduler.batch_wait_s", "--batch-wait", float, "fixed batching: seconds to wait for a batch to fill"),
     ("scheduler.request_timeout_s", "--request-timeout", float, "seconds from arrival to last token"),
+    ("scheduler.step_tokens", "--step-tokens", int,
+     "chunked prefill: most prompt tokens one step runs, so long prompts cannot stall decoding"),
+    ("scheduler.prefill", "--prefill", str,
+     "mixed: prompt chunks join the decode forward | separate: their own forward | auto: mixed on CUDA"),
+    ("scheduler.cuda_graph", "--no-cuda-graph", bool,
+     "--model on CUDA: run steps eagerly instead of replaying captured CUDA graphs"),
     ("server.api_key", "--api-key", str, "require 'Authorization: Bearer KEY'"),
     ("server.default_max_tokens", "--default-max-tokens", int, "max_tokens when a request has none"),
     ("server.drain_s", "--drain", float, "on shutdown, seconds running requests may finish"),
 ]  # fmt: skip
+CHOICES = {"scheduler.batching": ("continuous", "fixed"), "scheduler.prefill": ("auto", "mixed", "separate")}
 TOP_DEFAULTS: dict[str, Any] = {
     "model": None,
     "onnx": None,
@@ -81,7 +88,10 @@ def _add_flags(p: argparse.ArgumentParser, values: dict[str, Any] | None) -> Non
     """values None: every default suppressed, to learn which flags were typed."""
     for key, flag, kind, help in SETTINGS:
         default = argparse.SUPPRESS if values is None else values[key]
-        choices = ("continuous", "fixed") if key == "scheduler.batching" else None
+        if kind is bool:  # an off switch: --no-cuda-graph sets the key to false
+            p.add_argument(flag, dest=key, action="store_false", default=default, help=f"{help}; key {key}")
+            continue
+        choices = CHOICES.get(key)
         metavar = None if choices else flag[2:].upper().replace("-", "_")
         p.add_argument(flag, dest=key, type=kind, default=default, choices=choices, metavar=metavar,
                        help=f"{help}; key {key}")  # fmt: skip
@@ -158,7 +168,9 @@ def settings_from_args(args: argparse.Namespace, argv: list[str]) -> dict[str, A
             kind = kinds.get(key, type(settings[key]))
             if value is not None and kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
-            if value is not None and not (isinstance(value, kind) and not isinstance(value, bool)):
+            if value is not None and not (
+                isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+            ):
                 raise ServeError(f"{where}: {key}: expected {kind.__name__}, got {value!r}")
             settings[key] = value
     if (settings["model"] is None) == (settings["onnx"] is None):

@@ -80,7 +80,10 @@ def create_app(model_dir: str | Path, scheduler_config: SchedulerConfig | None =
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ServeError(f"--device: {device}: this torch has no CUDA device available")
         model = Transformer.from_pretrained(model_dir, device=dev, dtype=DTYPES.get(dtype))
-        engine = TorchEngine(model, scheduler_config.max_batch, scheduler_config.max_len)
+        sc = scheduler_config
+        engine = TorchEngine(model, sc.max_batch, sc.max_len, cuda_graph=sc.cuda_graph, prefill=sc.prefill,
+                             step_tokens=sc.step_tokens)  # fmt: skip
+        engine.capture_all()  # CUDA graphs: every step shape now, so no request pays a capture later
         tokenizer = load_tokenizer(model_dir)
     if tokenizer is None:
         raise ServeError(f"{model_dir}: tokenizer.json: missing; the server needs a tokenizer")
