@@ -153,23 +153,7 @@ def matmul_floor_ms(model, batch=1, reps=20):
             torch.nn.functional.linear(h, wd)
         torch.nn.functional.linear(x, model.lm_head.weight)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+    return _graph_ms(step, reps)
 
 
 # ---- ds-1.5b tuning (case "1.5b-tune") ------------------------------------------------------------
@@ -452,23 +436,7 @@ def attention_step_ms(config, prompt_len, new_tokens, ratio=0.3, reps=20):
 
     out = {"cache_slots": S, "length": n}
     for name, fn in (("dense_ms", dense), ("sparse_ms", sparse)):
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        g.replay()
-        torch.cuda.synchronize()
-        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t0.record()
-        for _ in range(reps):
-            g.replay()
-        t1.record()
-        torch.cuda.synchronize()
-        out[name] = t0.elapsed_time(t1) / reps
+        out[name] = _graph_ms(fn, reps)
     return out
 
 

@@ -382,10 +382,11 @@ def main() -> None:
     if args.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     import ds_models.model
+    import ds_serve.engine
     import ds_serve.scheduler
 
     # The engine under test, by content: results are comparable only between identical sources.
-    for mod in (ds_serve.scheduler, ds_models.model):
+    for mod in (ds_serve.scheduler, ds_serve.engine, ds_models.model):
         info[f"sha256_{mod.__name__}"] = hashlib.sha256(Path(mod.__file__).read_bytes()).hexdigest()[:16]
     modes = [m for m in MODES if m in args.modes]
     results: dict = {"info": info, "unloaded": {}, "closed_loop": {}, "open_loop": {m: [] for m in modes}}

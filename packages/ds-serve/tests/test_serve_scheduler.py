@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ds_models import generate
-from ds_serve.scheduler import Request, Scheduler, SchedulerConfig, ServeError, TorchEngine
+from ds_serve.engine import TorchEngine
+from ds_serve.scheduler import Request, Scheduler, SchedulerConfig, ServeError
 
 PROMPTS = [[5, 6, 7, 8, 9], [17, 3], [40, 41, 42, 43, 44, 45, 46, 47, 48], [3], [100, 200, 300],
            list(range(60, 90))]  # fmt: skip

@@ -192,9 +192,8 @@ def cmd_train(args) -> int:
     )  # fmt: skip
     rows = RandomRows(256, seq, mc.vocab_size, motif=16, seed=1)
     result = Run(cfg, model=Transformer(mc), train_dataset=rows).run()
-    if result.world_size >= 1 and int(os.environ.get("RANK", "0")) == 0:
-        Path(args.out).write_text(json.dumps(result.to_json() if hasattr(result, "to_json") else vars(result),
-                                             default=str, indent=2))  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(args.out).write_text(json.dumps(result.to_json(), default=str, indent=2))
     return 0
 
 

@@ -184,16 +184,8 @@ def _dynamic_decode(
         )
     if pooled_k is None:  # no cache kept by the caller: pool every valid block (reads all of K)
         pooled_k = pool_keys_from(k, bs, start, length, n_blocks).to(k.dtype)
-    elif (
-        not isinstance(pooled_k, Tensor)
-        or pooled_k.dim() != 4
-        or (pooled_k.shape[0], pooled_k.shape[1], pooled_k.shape[3]) != (B, Hkv, D)
-        or pooled_k.shape[2] < S // bs
-    ):
-        got = tuple(pooled_k.shape) if isinstance(pooled_k, Tensor) else type(pooled_k).__name__
-        raise DsCoreError(f"pooled_k: expected shape ({B}, {Hkv}, >={S // bs}, {D}), got {got}")
-    elif pooled_k.device != q.device:
-        raise DsCoreError(f"pooled_k: expected device {q.device} like q, got {pooled_k.device}")
+    else:
+        _check_pooled(pooled_k, (B, Hkv, S // bs, D), q.device)
     geometry = dict(
         start=start,
         length=length,
@@ -204,20 +196,43 @@ def _dynamic_decode(
         sink_blocks=cfg.sink_blocks,
         local_blocks=max(1, cfg.local_blocks),
     )
-    name = backends.resolve(backend, q.device)
-    if name == "triton":
-        why = _triton_unsupported(q, k, bs)
-        if why is None and n_blocks > _max_select_blocks():
-            why = f"at most {_max_select_blocks()} key blocks for the Triton selection, got {n_blocks}"
-        if why is not None:
-            if backend == "triton" or backends.forced_backend() == "triton":
-                raise DsCoreError(f"backend: {why}")
-            name = "torch"
-    if name == "triton":
+    if _backend(backend, q, k, bs, n_blocks) == "triton":
         from ds_core.kernels.triton_attention import dynamic_decode
 
         return dynamic_decode(q, k, v, **geometry)
     return dynamic_decode_attention(q, k, v, **geometry)
+
+
+def _check_pooled(pooled_k, shape: tuple[int, int, int, int], device: torch.device) -> None:
+    """pooled_k must be (B, Hkv, >= n, D) on q's device; shape = (B, Hkv, n, D)."""
+    B, Hkv, need, D = shape
+    if (
+        not isinstance(pooled_k, Tensor)
+        or pooled_k.dim() != 4
+        or (pooled_k.shape[0], pooled_k.shape[1], pooled_k.shape[3]) != (B, Hkv, D)
+        or pooled_k.shape[2] < need
+    ):
+        got = tuple(pooled_k.shape) if isinstance(pooled_k, Tensor) else type(pooled_k).__name__
+        raise DsCoreError(f"pooled_k: expected shape ({B}, {Hkv}, >={need}, {D}), got {got}")
+    if pooled_k.device != device:
+        raise DsCoreError(f"pooled_k: expected device {device} like q, got {pooled_k.device}")
+
+
+def _backend(backend: str, q: Tensor, k: Tensor, block_size: int, n_blocks: int | None = None) -> str:
+    """The backend to run: "triton" unless the kernels cannot take the problem, which falls back
+    to "torch" (an error when triton was asked for explicitly). n_blocks: the row's key blocks,
+    for the kernels that select over a whole row at once."""
+    name = backends.resolve(backend, q.device)
+    if name != "triton":
+        return name
+    why = _triton_unsupported(q, k, block_size)
+    if why is None and n_blocks is not None and n_blocks > _max_select_blocks():
+        why = f"at most {_max_select_blocks()} key blocks for the Triton selection, got {n_blocks}"
+    if why is None:
+        return name
+    if backend == "triton" or backends.forced_backend() == "triton":
+        raise DsCoreError(f"backend: {why}")
+    return "torch"
 
 
 def _max_select_blocks() -> int:
@@ -308,25 +323,9 @@ def sparse_attention(
         return _dense(q, k, v, q_start, causal)
     if pooled_k is not None:
         need = S // bs if causal else n_blocks  # a causal partial last block is always forced
-        if (
-            not isinstance(pooled_k, Tensor)
-            or pooled_k.dim() != 4
-            or (pooled_k.shape[0], pooled_k.shape[1], pooled_k.shape[3]) != (B, Hkv, D)
-            or pooled_k.shape[2] < need
-        ):
-            got = tuple(pooled_k.shape) if isinstance(pooled_k, Tensor) else type(pooled_k).__name__
-            raise DsCoreError(f"pooled_k: expected shape ({B}, {Hkv}, >={need}, {D}), got {got}")
-        if pooled_k.device != q.device:
-            raise DsCoreError(f"pooled_k: expected device {q.device} like q, got {pooled_k.device}")
+        _check_pooled(pooled_k, (B, Hkv, need, D), q.device)
 
-    name = backends.resolve(backend, q.device)
-    if name == "triton":
-        why = _triton_unsupported(q, k, bs)
-        if why is not None:
-            if backend == "triton" or backends.forced_backend() == "triton":
-                raise DsCoreError(f"backend: {why}")
-            name = "torch"
-    if name == "triton":
+    if _backend(backend, q, k, bs) == "triton":
         from ds_core.kernels.triton_attention import sparse_attention_triton
 
         return sparse_attention_triton(

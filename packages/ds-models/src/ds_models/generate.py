@@ -61,15 +61,7 @@ def generate(
         return parallel.generate_parallel(
             model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, mode=mode
         )
-    rows = _check_prompts(model, prompts)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ModelError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ModelError(f"temperature: expected >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ModelError(f"top_k: expected a positive integer, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ModelError(f"top_p: expected a number in (0, 1], got {top_p}")
+    rows = check_arguments(model, prompts, max_new_tokens, temperature, top_k, top_p)
     device = model.embed_tokens.weight.device
     mode = _resolve_mode(model, mode, device)
     generator = None
@@ -97,6 +89,34 @@ def _resolve_mode(model: Transformer, mode: str, device: torch.device) -> str:
     if mode == "cuda-graph" and device.type != "cuda":
         raise ModelError(f"mode: cuda-graph needs the model on a CUDA device, it is on {device}")
     return mode
+
+
+def check_arguments(
+    model: Transformer, prompts, max_new_tokens, temperature, top_k, top_p
+) -> list[list[int]]:
+    """generate's arguments checked (errors name the argument); the prompts as lists of ints."""
+    rows = _check_prompts(model, prompts)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ModelError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ModelError(f"temperature: expected >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ModelError(f"top_k: expected a positive integer, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ModelError(f"top_p: expected a number in (0, 1], got {top_p}")
+    return rows
+
+
+def left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Prompts as (B, T) ids left-padded with token 0, their (B, T) mask (1 = token), and whether
+    any row is padded."""
+    B, T = len(rows), max(len(r) for r in rows)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, T - len(row) :] = torch.tensor(row)
+        mask[b, T - len(row) :] = 1
+    return ids.to(device), mask.to(device), any(len(r) < T for r in rows)
 
 
 def _check_prompts(model: Transformer, prompts) -> list[list[int]]:
@@ -182,15 +202,9 @@ def _decode_state(model: Transformer, batch: int, cache_len: int, mode: str) -> 
 def _steps(model, rows, max_new_tokens, temperature, top_k, top_p, generator, mode) -> Iterator[torch.Tensor]:
     """Yield the sampled tokens (B,) of every step, on the model's device."""
     device = model.embed_tokens.weight.device
-    B, T = len(rows), max(len(r) for r in rows)
+    ids, mask, padded = left_pad(rows, device)  # (B, T) each, token 0 at masked-out padding
+    B, T = ids.shape
     cache_len = -(-(T + max_new_tokens) // CACHE_ROUND) * CACHE_ROUND
-    ids = torch.zeros(B, T, dtype=torch.long)  # (B, T), left-padded with token 0 (masked out)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, T - len(row) :] = torch.tensor(row)
-        mask[b, T - len(row) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    padded = any(len(r) < T for r in rows)
 
     if mode != "eager":
         for layer in model.layers:

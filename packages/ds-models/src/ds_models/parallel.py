@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from ds_models import KVCache, ModelConfig, ModelError, Transformer, sample
+from ds_models.generate import check_arguments, left_pad
 from ds_models.model import Attention
 
 MODES = ("auto", "eager", "cuda-graph")
@@ -283,24 +284,10 @@ def generate_parallel(
     Returns every row's new tokens (a row ends after its first stop token, kept), the same on all ranks.
     """
     mesh = mesh_of(model)
-    rows = [list(map(int, p)) for p in prompts]
-    if not rows or any(not r for r in rows):
-        raise ModelError("prompts: expected at least one prompt, each with at least one token")
-    vocab = model.config.vocab_size
-    for i, row in enumerate(rows):
-        if any(not 0 <= t < vocab for t in row):
-            raise ModelError(f"prompts[{i}]: token id outside the vocabulary [0, {vocab})")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ModelError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+    rows = check_arguments(model, prompts, max_new_tokens, temperature, top_k, top_p)
     device = mesh_device(mesh)
-    B, T = len(rows), max(len(r) for r in rows)
-    ids = torch.zeros(B, T, dtype=torch.long)  # (B, T), left-padded with token 0 (masked out)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, T - len(row) :] = torch.tensor(row)
-        mask[b, T - len(row) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    padded = any(len(r) < T for r in rows)
+    ids, mask, padded = left_pad(rows, device)  # (B, T) each
+    B, T = ids.shape
 
     generator = None
     if temperature > 0:

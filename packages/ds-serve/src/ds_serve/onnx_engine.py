@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ds_serve.scheduler import Engine, ServeError
+from ds_serve.engine import Engine
+from ds_serve.scheduler import ServeError
 
 
 def load_onnx(directory: str | Path, threads: int | None = None):

@@ -26,9 +26,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ds_models import Transformer, load_tokenizer
+from ds_serve.engine import TorchEngine
 from ds_serve.metrics import Metrics
 from ds_serve.scheduler import Request as GenRequest
-from ds_serve.scheduler import Scheduler, SchedulerConfig, ServeError, TorchEngine, async_callback
+from ds_serve.scheduler import Scheduler, SchedulerConfig, ServeError, async_callback
 
 MAX_BODY_BYTES = 1 << 20  # a prompt larger than this cannot fit any ds context anyway
 EOS = "<|endoftext|>"
