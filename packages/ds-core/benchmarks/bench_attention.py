@@ -12,6 +12,12 @@ is flushed by writing a 256 MB buffer before every replay, each replay sits betw
 events, and the median of many is reported.
 Eager timings (triton.testing.do_bench, median, its own L2 flush) are recorded too.
 
+Also (``mha``): ds-7b's decode shape (MHA, 32 heads, ratio 0.3) per layer, the scores, ticket
+and rank kernels alone with their bandwidth on the kept bytes, under several settings of the
+decode knobs (``triton_attention.DECODE_TUNING``), with a %globaltimer trace of the rank
+kernel's phases; and for the decode cases the whole op under other knob settings (SWEEP),
+each checked against the torch path eagerly and replayed from a graph.
+
     python packages/ds-core/benchmarks/bench_attention.py --out attention.json
 """
 
@@ -102,6 +108,11 @@ def check_case(entry, dtype, B, Hq, Hkv, S, D, bs, Tq, q_start) -> str:
         entry["select_equal"] = bool(torch.equal(ta.select_top_blocks(scores, int(counts[0])), idx))
         fused_idx = ta.decode_top_blocks(q, pooled, int(counts[0]), **geo)
         entry["fused_select_equal"] = bool(torch.equal(fused_idx, idx))
+        r_out, r_idx = ta.rank_decode(
+            q, k, v, s2.reshape(-1, nblk), int(counts[0]), block_size=bs, q_start=q_start
+        )
+        entry["rank_select_equal"] = bool(torch.equal(r_idx.sort(-1).values, idx))
+        entry["rank_rel"] = rel_err(r_out, ref)
         for ns in (1, 4, None):
             out = ta.block_sparse_decode(q, k, v, idx, block_size=bs, q_start=q_start, n_splits=ns)
             entry[f"decode_ns{ns}_rel"] = rel_err(out, ref)
@@ -170,6 +181,166 @@ def layered(op, layers: list, reps: int) -> dict:
 
     t = time_graph(step, reps)
     return {k: v / len(layers) if k.endswith("_us") else v for k, v in t.items()}
+
+
+# decode variants timed next to the default (name, DECODE_TUNING overrides); "ticket" is the
+# previous path: scores + a bisection top-k by the row's last program, then the split kernel
+SWEEP = [
+    ("rank", {"path": "rank"}),
+    ("rank_nofuse", {"path": "rank", "fuse": False}),
+    ("rank_W32_CH2", {"path": "rank", "blocks_per_program": 32, "chunk_blocks": 2}),
+    ("rank_unchunked", {"path": "rank", "rank_chunk": 4096}),
+    ("ticket_preload", {"path": "ticket", "preload": True}),
+    ("ticket_pdl", {"path": "ticket", "pdl": True}),
+    ("rank_nofuse_pdl", {"path": "rank", "fuse": False, "pdl": True}),
+]
+
+
+def graph_rel(op, ref) -> dict:
+    """Relative error against ref of op eagerly and of op captured in a CUDA graph, replayed 3x."""
+    out = {"eager": rel_err(op(), ref)}
+    static = {}
+    g = torch.cuda.CUDAGraph()
+    op()
+    with torch.cuda.graph(g):
+        static["out"] = op()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    out["graph"] = rel_err(static["out"], ref)
+    return out
+
+
+def trace_rank(q, k, v, pooled, count: int, bs: int, fuse: bool, reps: int = 5) -> dict:
+    """Phase times (us) of one rank_decode launch, from %globaltimer stamps each program writes
+    (TRACE): start, scored, past the barrier, ranked, K/V done, ticket taken, merged. L2 flushed
+    before each of ``reps`` launches; the median over launches of each statistic."""
+    from timing import _flush
+
+    B, Hkv, S = k.shape[0], k.shape[1], k.shape[2]
+    n = -(-S // bs)
+    geo = dict(block_size=bs, q_start=S - 1, n_blocks=n, causal=True, sink_blocks=1, local_blocks=2)
+    rows = B * Hkv
+    splits = -(-n // ta._rank_geometry(q.shape[1] // Hkv, n, bs, rows, q.device)[0])
+    tr = torch.zeros(rows * splits * 8, dtype=torch.int64, device=DEV)
+    stats: dict = {}
+    for _ in range(reps + 2):
+        sc = torch.empty(B, Hkv, 1, n, device=DEV) if fuse else ta.decode_block_scores(q, pooled, **geo)
+        tr.zero_()
+        next(iter(_flush.values())).zero_()
+        ta.rank_decode(
+            q, k, v, sc, count, block_size=bs, q_start=S - 1, fuse=(pooled, 1, 2) if fuse else None, trace=tr
+        )
+        torch.cuda.synchronize()
+        t = tr.view(rows * splits, 8).double().cpu()
+        t0 = t[:, 0].min()
+        us = lambda c, t=t, t0=t0: (t[:, c] - t0) / 1e3  # noqa: E731
+        merged = t[:, 7] > 0
+        one = {
+            "programs": rows * splits,
+            "start_spread": float(us(0).max()),
+            "scored": float(us(1).median()) if fuse else 0.0,
+            "ready": float(us(2).median()),
+            "ready_max": float(us(2).max()),
+            "ranked": float(us(4).median()),
+            "kv_done": float(us(5).median()),
+            "kv_done_max": float(us(5).max()),
+            "ticket": float(us(6).median()),
+            "merged_max": float(us(7)[merged].max()) if merged.any() else 0.0,
+            "kept_per_program_max": int(t[:, 3].max()),
+            "kept_per_program_mean": float(t[:, 3].mean()),
+        }
+        for key, val in one.items():
+            stats.setdefault(key, []).append(val)
+    return {key: sorted(vals[2:])[len(vals[2:]) // 2] for key, vals in stats.items()}
+
+
+def mha_bench(results: dict, reps: int, n_layers: int = 8) -> str:
+    """ds-7b's attention shape (MHA, 32 heads, head dim 128, ratio 0.3, 8448 slots, 8256 valid):
+    the rank kernel alone over n_layers layers' caches in one graph, its bandwidth on the kept
+    bytes, under each knob setting; the scores kernel alone; and a trace of one launch."""
+    B, H, S, D, bs = 1, 32, 8256, 128, 64
+    dt = torch.bfloat16
+    torch.manual_seed(7)
+    q = torch.randn(B, H, 1, D, device=DEV, dtype=dt)
+    layers = []
+    for _ in range(n_layers):
+        k = torch.randn(B, H, S, D, device=DEV, dtype=dt)
+        v = torch.randn(B, H, S, D, device=DEV, dtype=dt)
+        layers.append((k, v, pool_keys(k, bs).to(dt)))
+    n = -(-S // bs)
+    counts = block_counts(
+        (S - 1) // bs, 1, n, causal=True, sink_blocks=1, local_blocks=2, keep_fraction=0.7, keep_blocks=None
+    )
+    count = int(counts[0])
+    geo = dict(block_size=bs, q_start=S - 1, n_blocks=n, causal=True, sink_blocks=1, local_blocks=2)
+    scores = [ta.decode_block_scores(q, p, **geo) for _, _, p in layers]
+    kept_bytes = 2 * count * bs * D * 2 * H * B
+    row: dict = {"keys": S, "kept_blocks": count, "kept_bytes_per_layer": kept_bytes, "layers": n_layers}
+    results["mha"] = row
+
+    def per_layer(fn):
+        t = time_graph(lambda: [fn(i) for i in range(n_layers)], reps)
+        return t["median_us"] / n_layers
+
+    row["scores_us"] = per_layer(lambda i: ta.decode_block_scores(q, layers[i][2], **geo))
+    row["ticket_select_us"] = per_layer(lambda i: ta.decode_top_blocks(q, layers[i][2], count, **geo))
+    idx = ta.decode_top_blocks(q, layers[0][2], count, **geo)
+    row["ticket_attn_us"] = per_layer(  # one index load per block (the default)
+        lambda i: ta.block_sparse_decode(q, layers[i][0], layers[i][1], idx, block_size=bs, q_start=S - 1)
+    )
+    row["sdpa_us"] = per_layer(lambda i: flash_sdpa(q, layers[i][0], layers[i][1], False))
+    saved = dict(ta.DECODE_TUNING)
+    for name, knobs in TICKET_SWEEP:  # the split kernel over the selected list, other settings
+        ta.DECODE_TUNING.update(saved)
+        ta.DECODE_TUNING.update(knobs)
+        guarded(
+            row,
+            f"ticket_attn[{name}]",
+            partial(
+                per_layer,
+                lambda i: ta.block_sparse_decode(
+                    q, layers[i][0], layers[i][1], idx, block_size=bs, q_start=S - 1
+                ),
+            ),
+        )
+        print(name, row[f"ticket_attn[{name}]"], flush=True)
+    for name, knobs in MHA_SWEEP:
+        ta.DECODE_TUNING.update(saved)
+        ta.DECODE_TUNING.update(knobs)
+
+        def rank(i):
+            return ta.rank_decode(
+                q, layers[i][0], layers[i][1], scores[i], count, block_size=bs, q_start=S - 1
+            )
+
+        entry: dict = {}
+        guarded(entry, "us", partial(per_layer, rank))
+        if isinstance(entry["us"], float):
+            entry["TBs"] = kept_bytes / entry["us"] / 1e6
+            guarded(entry, "trace", partial(trace_rank, q, *layers[0], count, bs, False))
+        row[f"rank[{name}]"] = entry
+        print(name, json.dumps(entry), flush=True)
+    ta.DECODE_TUNING.update(saved)
+    return "done"
+
+
+TICKET_SWEEP = [
+    ("preload_CH1_st3", {"preload": True, "chunk_blocks": 1, "num_stages": 3}),
+    ("preload_CH2_st2", {"preload": True, "chunk_blocks": 2, "num_stages": 2}),
+]
+
+MHA_SWEEP = [
+    ("default", {}),
+    ("W8_CH1_st2", {"blocks_per_program": 8, "chunk_blocks": 1, "num_stages": 2}),
+    ("W8_CH2_st2", {"blocks_per_program": 8, "chunk_blocks": 2, "num_stages": 2}),
+    ("W4_CH1_st3", {"blocks_per_program": 4, "chunk_blocks": 1, "num_stages": 3}),
+    ("W16_CH1_st3", {"blocks_per_program": 16, "chunk_blocks": 1, "num_stages": 3}),
+    ("W4_pdl", {"pdl": True}),
+    ("W4_list", {"rank_list": True}),
+    ("W8_list", {"blocks_per_program": 8, "rank_list": True}),
+    ("W16_list", {"blocks_per_program": 16, "rank_list": True}),
+]
 
 
 def decode_bench(results: dict, contexts: list[int], keep_keys: int, reps: int, n_layers: int) -> str:
@@ -248,6 +419,16 @@ def decode_bench(results: dict, contexts: list[int], keep_keys: int, reps: int, 
                     num_warps=nw,
                 )
                 guarded(comp, f"attn_ns{ns}_st{st}_w{nw}", partial(time_graph, attn, reps))
+            if bs == 64:
+                guarded(entry, "trace_fused", partial(trace_rank, q, k, v, pooled, n_keep, bs, True))
+            # the whole op under other settings of the decode knobs (ta.DECODE_TUNING)
+            saved = dict(ta.DECODE_TUNING)
+            for name, knobs in SWEEP:
+                ta.DECODE_TUNING.update(saved)
+                ta.DECODE_TUNING.update(knobs)
+                guarded(entry, f"op[{name}]", partial(time_graph, op, reps))
+                guarded(entry, f"rel[{name}]", partial(graph_rel, op, ref))
+            ta.DECODE_TUNING.update(saved)
             if bs == 64:
                 # the same op recomputing the pooled keys from the whole K cache each call
                 entry["op_no_pool_cache"] = time_graph(partial(sparse_attention, q, k, v, sparsity=cfg), reps)
@@ -400,7 +581,7 @@ def main() -> int:
         "--check-dtypes", nargs="+", default=["bfloat16", "float16", "float32"], help="dtypes of the check"
     )
     ap.add_argument(
-        "--skip", nargs="*", default=[], choices=["check", "decode", "prefill"], help="parts to skip"
+        "--skip", nargs="*", default=[], choices=["check", "mha", "decode", "prefill"], help="parts to skip"
     )
     ap.add_argument("--cpu", action="store_true", help="time the PyTorch CPU path instead (no GPU needed)")
     ap.add_argument("--cpu-prefill-len", type=int, default=4096, help="prefill length of the CPU run")
@@ -426,6 +607,8 @@ def main() -> int:
     try:
         if "check" not in args.skip:
             guarded(results, "check_status", partial(check, results, args.check_dtypes))
+        if "mha" not in args.skip:
+            guarded(results, "mha_status", partial(mha_bench, results, args.reps))
         if "decode" not in args.skip:
             guarded(
                 results,

@@ -10,6 +10,7 @@ Cases (issue 4 targets in brackets):
   7b-b16      ds-7b, batch 16                  [>= 8x the batch-1 throughput]
   7b-sparse   ds-7b, sparse_ratio 0.3 + attention_sparse_ratio 0.3 (same weights, dynamic mode,
               thresholds calibrated on a random prefill), batch 1   [>= 1.25x dense 7b]
+              (--sparse-projections all: the attention's q/k/v/o skip activations too, TEAL)
               (every mode runs ds-core's sparse attention with the length on the device)
   7b-attn     (CUDA, with --contexts) one step's attention alone, all 30 layers, dense vs sparse
   --contexts 8192,16384   adds the 7b and 7b-sparse cases again with prompts of these lengths
@@ -20,6 +21,10 @@ Cases (issue 4 targets in brackets):
               plain Triton GEMV, then the full decode step under each inductor setting of
               --variants, with a per-kernel profile of each (--profile-dir) and the greedy tokens
               against eager
+  1.5b-kernels (CUDA) ds-1.5b's per-layer decode kernels, 28 layers in one CUDA graph: ds_core's
+              dense decode attention vs the mask + SDPA it replaces, ds_core's Triton GEMV (with
+              its bias / SiLU·up fusions) vs cuBLAS, per weight shape
+  --kernel-variants qkv,down:none   the 1.5b case once per DS_MODELS_STEP_KERNELS setting (":"-separated)
   tiny-check  (CUDA) the GPU test's float32 ds-tiny in "compile" mode under each setting: where its
               greedy tokens first differ from eager's, and how close eager's top two logits are there
 
@@ -36,6 +41,7 @@ import argparse
 import functools
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -263,6 +269,106 @@ def gemv_table(model):
     return rows
 
 
+def kernel_table(model, lengths=(17, 144)):
+    """(case "1.5b-kernels") Per-layer decode kernels of ds-1.5b, each over the 28 layers' own
+    weights / caches in one CUDA graph (no L2 reuse between layers), microseconds per layer."""
+    import torch.nn.functional as F
+
+    from ds_core import dense_decode_attention
+    from ds_core.kernels import triton_gemv
+    from ds_models.model import _masked_gqa_attention, attention_bias
+
+    cfg, n = model.config, len(model.layers)
+    dt = model.lm_head.weight.dtype
+    H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    rows = {}
+    for S, lens in ((256, lengths), (4096, (4000,))):
+        ks = [torch.randn(1, K, S, D, device="cuda", dtype=dt) for _ in range(n)]
+        vs = [torch.randn(1, K, S, D, device="cuda", dtype=dt) for _ in range(n)]
+        q = torch.randn(1, H, 1, D, device="cuda", dtype=dt)
+        pad = torch.zeros(1, dtype=torch.long, device="cuda")
+        for L in lens:
+            pos = torch.tensor([L - 1], device="cuda")
+            length = pos + 1
+
+            def old(
+                S=S, ks=ks, vs=vs, pos=pos, pad=pad, q=q
+            ):  # what model.hidden + Attention did per step: mask once, masked SDPA per layer
+                slots = torch.arange(S, device="cuda")
+                m = (slots[None, None, :] <= pos[None, :, None]) & (
+                    slots[None, None, :] >= pad[:, None, None]
+                )
+                bias = attention_bias(m[:, None], H // K, dt)
+                for k, v in zip(ks, vs):
+                    _masked_gqa_attention(q, k, v, bias)
+
+            def new(ks=ks, vs=vs, length=length, pad=pad, q=q):
+                for k, v in zip(ks, vs):
+                    dense_decode_attention(q, k, v, length, pad)
+
+            ref = _masked_gqa_attention(q, ks[0], vs[0], attention_bias(
+                (torch.arange(S, device="cuda") < L)[None, None, None], H // K, dt))  # fmt: skip
+            err = float((dense_decode_attention(q, ks[0], vs[0], pos + 1, pad) - ref).abs().max())
+            row = {"mask+sdpa_us": 1000 * _graph_ms(old) / n, "max_abs_diff": err}
+            for split in ("0", "64", "128", "256", "1024"):  # slots per program (0: the default)
+                os.environ["DS_CORE_DECODE_SPLIT"] = split
+                row[f"ds_core_split{split}_us"] = 1000 * _graph_ms(new) / n
+            os.environ.pop("DS_CORE_DECODE_SPLIT")
+            rows[f"attention S={S} len={L}"] = row
+        del ks, vs
+    x = torch.randn(1, cfg.d_model, device="cuda", dtype=dt)
+    hid = torch.randn(1, cfg.d_ff, device="cuda", dtype=dt)
+    up = torch.randn(1, cfg.d_ff, device="cuda", dtype=dt)
+    attn_in = torch.randn(1, H * D, device="cuda", dtype=dt)
+    qkv = [
+        torch.cat([b.self_attn.q_proj.weight, b.self_attn.k_proj.weight, b.self_attn.v_proj.weight])
+        for b in model.layers
+    ]
+    qkv_b = [
+        torch.cat([b.self_attn.q_proj.bias, b.self_attn.k_proj.bias, b.self_attn.v_proj.bias])
+        for b in model.layers
+    ]
+    shapes = {
+        "qkv+bias": (x, [(w, bb) for w, bb in zip(qkv, qkv_b)], None),
+        "o": (attn_in, [(b.self_attn.o_proj.weight, None) for b in model.layers], None),
+        "gate": (x, [(b.mlp.gate_proj.weight, None) for b in model.layers], None),
+        "down": (hid, [(b.mlp.down_proj.weight, None) for b in model.layers], None),
+        "down+silu*up": (hid, [(b.mlp.down_proj.weight, None) for b in model.layers], up),
+        "lm_head": (x, [(model.lm_head.weight, None)], None),
+    }  # fmt: skip
+    for name, (inp, ws, u) in shapes.items():
+
+        def cublas(inp=inp, ws=ws, u=u):
+            a = inp if u is None else F.silu(inp) * u
+            for w, bb in ws:
+                F.linear(a, w, bb)
+
+        def triton(inp=inp, ws=ws, u=u):
+            for w, bb in ws:
+                triton_gemv.gemv(inp, w, bb, u)
+
+        N, Kd = ws[0][0].shape
+        gb = sum(w.numel() * w.element_size() for w, _ in ws) / 1e9
+        row = {
+            "N": N,
+            "K": Kd,
+            "cublas_us": 1000 * _graph_ms(cublas) / len(ws),
+            "cublas_TBps": gb / _graph_ms(cublas),
+        }
+        for blocks in ("", "1x512", "1x1024", "2x1024", "2x2048", "4x1024", "4x512"):
+            os.environ["DS_CORE_GEMV_BLOCKS"] = blocks
+            try:
+                ms = _graph_ms(triton)
+                row[f"triton_{blocks or 'default'}_us"] = 1000 * ms / len(ws)
+            except Exception as e:
+                row[f"triton_{blocks}"] = f"{type(e).__name__}: {e}"[:200]
+        os.environ.pop("DS_CORE_GEMV_BLOCKS", None)
+        a = inp if u is None else F.silu(inp) * u
+        row["max_abs_diff"] = float((triton_gemv.gemv(inp, *ws[0], u) - F.linear(a, *ws[0])).abs().max())
+        rows[name] = row
+    return rows
+
+
 def kernel_profile(model, prompts, n, path, top=25):
     """Per-kernel device time of a generate call (graph replays included), top kernels to `path`."""
     from torch.profiler import ProfilerActivity, profile
@@ -358,12 +464,13 @@ def tiny_check(record):
         torch._dynamo.reset()
 
 
-def ideal_bound(config, prompt_len, new_tokens, mlp_ratio=0.3, attention_ratio=0.3):
+def ideal_bound(config, prompt_len, new_tokens, mlp_ratio=0.3, attention_ratio=0.3, projections="mlp"):
     """Bytes one decode step reads, dense vs sparse (bf16), averaged over the generated tokens.
 
     Weights read per step: every Linear (q/k/v/o, gate/up/down, lm_head), not the embedding table
     (one row). KV: 2 (K and V) x layers x KV heads x head_dim x 2 bytes per cached token. Sparse:
-    the MLP reads (1 - mlp_ratio) of its weights; attention reads the kept blocks of ds-core's
+    the MLP reads (1 - mlp_ratio) of its weights (with projections "all" the attention's q/k/v/o
+    too); attention reads the kept blocks of ds-core's
     budget (sinks + window + ceil((1 - ratio) x visible blocks), blocks of 64) plus the pooled-key
     cache (1/64 of K). Everything else (norms, activations, launch gaps) is taken as free.
     """
@@ -391,7 +498,8 @@ def ideal_bound(config, prompt_len, new_tokens, mlp_ratio=0.3, attention_ratio=0
     )
     kv_sparse /= len(lengths)
     dense = weights + kv_dense
-    sparse = weights - mlp_ratio * mlp + kv_sparse
+    skipped = mlp + (2 * c.n_layers * attn_w if projections == "all" else 0)
+    sparse = weights - mlp_ratio * skipped + kv_sparse
     return dict(
         weights_GB=weights / 1e9,
         mlp_GB=mlp / 1e9,
@@ -437,6 +545,35 @@ def attention_step_ms(config, prompt_len, new_tokens, ratio=0.3, reps=20):
     out = {"cache_slots": S, "length": n}
     for name, fn in (("dense_ms", dense), ("sparse_ms", sparse)):
         out[name] = _graph_ms(fn, reps)
+    # DS_ATTN_VARIANTS="ticket;W=8,st=2;pdl=1;list=1": the sparse step again under each setting of
+    # ds-core's decode knobs (kernels.triton_attention.DECODE_TUNING), to sweep them in one device
+    # call. Keys: ticket / rank (path), W (blocks per program), CH (blocks per tile), w (warps),
+    # st (stages), sp (ticket splits), dot / preload / list / pdl (=0 / =1)
+    from ds_core.kernels import triton_attention as ta
+
+    names = {
+        "W": "blocks_per_program",
+        "CH": "chunk_blocks",
+        "w": "num_warps",
+        "st": "num_stages",
+        "sp": "splits",
+    }
+    saved = dict(ta.DECODE_TUNING)
+    for variant in filter(None, os.environ.get("DS_ATTN_VARIANTS", "").split(";")):
+        ta.DECODE_TUNING.update(saved)
+        for item in variant.split(","):
+            key, _, val = item.partition("=")
+            if key in ("ticket", "rank"):
+                ta.DECODE_TUNING["path"] = key
+            elif key in ("dot", "preload", "list", "pdl"):
+                ta.DECODE_TUNING["rank_list" if key == "list" else key] = val == "1"
+            else:
+                ta.DECODE_TUNING[names[key]] = int(val)
+        try:
+            out[f"sparse_ms[{variant}]"] = _graph_ms(sparse, reps)
+        except Exception as e:  # a variant that fails to compile is recorded, not fatal
+            out[f"sparse_ms[{variant}]"] = f"{type(e).__name__}: {str(e)[:200]}"
+    ta.DECODE_TUNING.update(saved)
     return out
 
 
@@ -457,13 +594,23 @@ def main():
     p.add_argument("--hf-new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--modes", default="compile,cuda-graph", help="decode modes measured for dense models")
+    p.add_argument(
+        "--sparse-projections",
+        choices=["mlp", "all"],
+        default="mlp",
+        help="7b-sparse: sparse_ratio on the MLP only, or on the attention's q/k/v/o too",
+    )
     p.add_argument("--contexts", default="", help="extra prompt lengths for the 7b / 7b-sparse cases")
     p.add_argument("--out", default=None, help="write all results as JSON here")
     p.add_argument(
         "--variants", default="ro,cd", help=f"1.5b-tune: inductor settings, of {','.join(VARIANTS)}"
     )
     p.add_argument("--tune-budget-s", type=float, default=240, help="1.5b-tune: start no variant after this")
-    p.add_argument("--profile-dir", default=None, help="1.5b-tune: write per-kernel profiles here")
+    p.add_argument("--profile-dir", default=None, help="1.5b-tune / 1.5b: write per-kernel profiles here")
+    p.add_argument("--skip-hf", action="store_true", help="1.5b: no HF transformers baseline")
+    p.add_argument(
+        "--kernel-variants", default="", help="1.5b: DS_MODELS_STEP_KERNELS settings, ':'-separated"
+    )
     args = p.parse_args()
     cases = args.cases.split(",")
     modes = args.modes.split(",")
@@ -510,10 +657,34 @@ def main():
     if "1.5b" in cases:
         model = random_model("ds-1.5b", device, dtype)
         record("1.5b-weights-GB", weight_bytes(model) / 1e9)
-        record("1.5b-hf", hf_baseline(model, args.prompt_len, args.hf_new_tokens, args.repeats))
+        if not args.skip_hf:
+            record("1.5b-hf", hf_baseline(model, args.prompt_len, args.hf_new_tokens, args.repeats))
         if device == "cuda":
             record("1.5b-matmul-floor-ms", matmul_floor_ms(model))
-        run_modes("1.5b-b1", model, 1, modes)
+        for variant in args.kernel_variants.split(":") if args.kernel_variants else [None]:
+            label = "1.5b-b1"
+            if variant is not None:  # DS_MODELS_STEP_KERNELS: which projections run as ds_core's GEMV
+                os.environ["DS_MODELS_STEP_KERNELS"] = variant
+                sys.modules["ds_models.generate"]._compiled.clear()
+                torch._dynamo.reset()
+                label = f"1.5b-b1-kernels={variant}"
+            run_modes(label, model, 1, modes)
+            if device == "cuda" and args.profile_dir:
+                g = torch.Generator().manual_seed(0)
+                prompts = torch.randint(
+                    0, model.config.vocab_size, (1, args.prompt_len), generator=g
+                ).tolist()
+                try:
+                    kernel_profile(model, prompts, 33, f"{args.profile_dir}/profile_{variant}.txt")
+                except Exception as e:
+                    print(f"profile {variant}: {type(e).__name__}: {e}"[:300])
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    if "1.5b-kernels" in cases and device == "cuda":
+        model = random_model("ds-1.5b", device, dtype)
+        record("1.5b-kernels", kernel_table(model))
         del model
         gc.collect()
         torch.cuda.empty_cache()
@@ -532,7 +703,10 @@ def main():
 
     for ctx in contexts if any(c.startswith("7b") for c in cases) else []:
         config = ModelConfig.from_name("ds-7b")
-        record(f"7b-ideal-ctx{ctx}", ideal_bound(config, ctx, args.new_tokens))
+        record(
+            f"7b-ideal-ctx{ctx}",
+            ideal_bound(config, ctx, args.new_tokens, projections=args.sparse_projections),
+        )
         if device == "cuda" and "7b-attn" in cases:
             record(f"7b-attn-ctx{ctx}", attention_step_ms(config, ctx, args.new_tokens))
             torch.cuda.empty_cache()
@@ -546,7 +720,14 @@ def main():
         if "7b-sparse" in cases:
             # the dense model's weights (both models stay resident: dense and sparse are measured
             # side by side at each context); dynamic thresholds calibrated on a random prefill
-            sparse = random_model("ds-7b", device, dtype, sparse_ratio=0.3, attention_sparse_ratio=0.3)
+            sparse = random_model(
+                "ds-7b",
+                device,
+                dtype,
+                sparse_ratio=0.3,
+                attention_sparse_ratio=0.3,
+                sparse_projections=args.sparse_projections,
+            )
             sparse.load_state_dict(model.state_dict(), strict=False)
             calibrate(sparse, device)
         for ctx in [None, *contexts]:
@@ -554,7 +735,8 @@ def main():
             if "7b" in cases:
                 run_modes(f"7b-b1{suffix}", model, 1, modes, ctx)
             if sparse is not None:
-                run_modes(f"7b-sparse-b1{suffix}", sparse, 1, sparse_modes, ctx)
+                name = "7b-sparse" if args.sparse_projections == "mlp" else "7b-sparse-all"
+                run_modes(f"{name}-b1{suffix}", sparse, 1, sparse_modes, ctx)
             gc.collect()
             torch.cuda.empty_cache()
         if "7b-hf" in cases:

@@ -52,7 +52,7 @@ from ds_core.kernels.reference_attention import (
     select_blocks,
 )
 
-__all__ = ["SparseAttention", "pool_keys", "sparse_attention"]
+__all__ = ["SparseAttention", "dense_decode_attention", "pool_keys", "sparse_attention"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -156,6 +156,63 @@ def _count_table(cfg: SparsityConfig, n_blocks: int, device: torch.device) -> tu
     return _tables[key]
 
 
+def dense_decode_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_length: Tensor,
+    kv_start: Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """Dense attention of one query token per row over a fixed-size cache: (B, Hq, 1, D) -> (B, Hq, 1, D).
+
+    k, v (B, Hkv, S, D) are the whole cache; row b attends to slots ``kv_start[b] .. kv_length[b]
+    - 1`` (integer tensors of shape (), (1,) or (B,); kv_start defaults to 0), which must satisfy
+    0 <= kv_start < kv_length <= S (not checked: that would sync). The same as
+    ``sparse_attention(..., kv_length=, kv_start=)`` at ratio 0, but traceable by torch.compile
+    without a graph break. Triton (``kernels/triton_decode_dense.py``) reads only the valid
+    slots; the torch path is SDPA with a mask over all of them.
+    """
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise DsCoreError(f"q: expected a (B, Hq, 1, D) tensor (one query token), got shape {tuple(q.shape)}")
+    B, Hq, _, D = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != 4 or t.shape[0] != B or t.shape[3] != D or Hq % t.shape[1] or t.shape != k.shape:
+            raise DsCoreError(
+                f"{name}: expected ({B}, Hkv, S, {D}) with Hkv dividing {Hq}, got {tuple(t.shape)}"
+            )
+        if t.dtype != q.dtype or t.device != q.device:
+            raise DsCoreError(f"{name}: expected {q.dtype} on {q.device} like q, got {t.dtype} on {t.device}")
+    for name, t in (("kv_length", kv_length), ("kv_start", kv_start)):
+        if t is None and name == "kv_start":
+            continue
+        if not isinstance(t, Tensor) or t.dtype.is_floating_point or t.dtype == torch.bool:
+            got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+            raise DsCoreError(f"{name}: expected an integer torch.Tensor, got {got}")
+        if t.dim() > 1 or t.numel() not in (1, B) or t.device != q.device:
+            raise DsCoreError(
+                f"{name}: expected shape (), (1,) or ({B},) on {q.device}, got {tuple(t.shape)} on {t.device}"
+            )
+    length = kv_length.reshape(-1).expand(B)
+    start = torch.zeros_like(length) if kv_start is None else kv_start.reshape(-1).expand(B)
+    if torch.compiler.is_compiling():  # the backend switch reads the environment: go by the device
+        name = "triton" if q.is_cuda else "torch"
+    else:
+        name = backends.resolve(backend, q.device)
+    if name == "triton" and D <= 256 and Hq // k.shape[1] <= 64:
+        from ds_core.kernels import triton_decode_dense  # noqa: F401  registers torch.ops.ds_core.dense_decode_attention
+
+        q3 = q[:, :, 0] if q.stride(3) == 1 else q[:, :, 0].contiguous()  # (B, Hq, D)
+        if k.stride(3) != 1 or v.stride(3) != 1:
+            k, v = k.contiguous(), v.contiguous()
+        out = torch.ops.ds_core.dense_decode_attention(q3, k, v, start, length, D**-0.5)
+        return out[:, :, None]  # (B, Hq, 1, D)
+    slot = torch.arange(k.shape[2], device=q.device)
+    mask = (slot >= start[:, None]) & (slot < length[:, None])  # (B, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None], enable_gqa=k.shape[1] != Hq)
+
+
 @torch.compiler.disable
 def _dynamic_decode(
     q: Tensor,
@@ -177,11 +234,7 @@ def _dynamic_decode(
         backends.resolve(backend, q.device)
         if isinstance(pooled_k, Tensor) and pooled_k.dim() == 4 and pooled_k.shape[2] >= S // bs:
             refresh_last_pooled_block(k, pooled_k, bs, start, length)  # the cache stays exact
-        slot = torch.arange(S, device=q.device)
-        mask = (slot >= start[:, None]) & (slot < length[:, None])  # (B, S)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask[:, None, None], enable_gqa=Hkv != q.shape[1]
-        )
+        return dense_decode_attention(q, k, v, length, start, backend=backend)
     if pooled_k is None:  # no cache kept by the caller: pool every valid block (reads all of K)
         pooled_k = pool_keys_from(k, bs, start, length, n_blocks).to(k.dtype)
     else:

@@ -42,7 +42,54 @@ _CALIB_SAMPLES_PER_CALL = 1 << 16
 _CALIB_MAX_SAMPLES = 1 << 22
 
 
-class SparseMLP(nn.Module):
+class ThresholdCalibrated:
+    """What ``calibration`` needs of a module: the protocol SparseMLP and DynamicSparseLinear share.
+
+    A calibrated module holds an ``act_threshold`` buffer with one threshold per activation
+    stream it sparsifies (NaN until calibrated) and a ``_cache`` dict. While ``_calib`` is set
+    (inside ``calibration``) its forward pass runs dense and hands the streams, in the buffer's
+    order, to ``self._calib.add(...)``; on leaving the block each threshold becomes the
+    ``sparse_ratio``-quantile of its stream's recorded magnitudes.
+    """
+
+    sparsity: SparsityConfig
+    _calib: _Samples | None = None
+
+    def _wants_calibration(self) -> bool:
+        return self.sparsity.mode == "dynamic" and self.sparsity.sparse_ratio > 0
+
+    @property
+    def calibrated(self) -> bool:
+        return hasattr(self, "act_threshold") and not math.isnan(self._host_thresholds()[0])
+
+    @torch.no_grad()
+    def calibrate(self, inputs: Tensor | Iterable[Tensor]):
+        """Set the dynamic-mode thresholds from the activations of ``inputs`` (one tensor or an iterable)."""
+        with calibration(self):
+            for x in [inputs] if isinstance(inputs, Tensor) else inputs:
+                self(x)
+        return self
+
+    @torch.no_grad()
+    def _set_thresholds(self, samples: _Samples) -> None:
+        ratio = self.sparsity.sparse_ratio
+        values = [reference.topk_threshold(s.reshape(1, -1), ratio).reshape(()) for s in samples.finish()]
+        self.act_threshold.copy_(torch.stack(values).to(self.act_threshold))
+        self._cache.clear()
+
+    def _host_thresholds(self) -> tuple[float, ...]:
+        """The thresholds as Python floats, read from the device once per change of the buffer
+        (a decode loop or a captured CUDA graph never syncs on them)."""
+        buf = self.act_threshold
+        key = _version_key(buf)
+        cached = self._cache.get("thresholds")
+        if cached is None or cached[0] != key:
+            cached = (key, tuple(float(v) for v in buf.detach().float().cpu()))
+            self._cache["thresholds"] = cached
+        return cached[1]
+
+
+class SparseMLP(ThresholdCalibrated, nn.Module):
     """SwiGLU MLP ``down(silu(gate(x)) * up(x))`` with static or dynamic sparsity.
 
     ``gate_proj``, ``up_proj`` and ``down_proj`` are plain ``nn.Linear`` (HF Llama layout), so
@@ -79,18 +126,6 @@ class SparseMLP(nn.Module):
     def sparse_state_keys(self) -> list[str]:
         """State-dict keys (relative to this module) that hold sparse state rather than weights."""
         return [k for k in ("neuron_score", "act_threshold") if hasattr(self, k)]
-
-    @property
-    def calibrated(self) -> bool:
-        return hasattr(self, "act_threshold") and not math.isnan(self._host_thresholds()[0])
-
-    @torch.no_grad()
-    def calibrate(self, inputs: Tensor | Iterable[Tensor]) -> SparseMLP:
-        """Set the dynamic-mode thresholds from the activations of ``inputs`` (one tensor or an iterable)."""
-        with calibration(self):
-            for x in [inputs] if isinstance(inputs, Tensor) else inputs:
-                self(x)
-        return self
 
     def train(self, mode: bool = True) -> SparseMLP:
         self._cache.clear()  # packed / transposed copies go stale once weights train
@@ -230,16 +265,6 @@ class SparseMLP(nn.Module):
     def _hidden_threshold(self, h: Tensor, t_hidden: Tensor | None) -> Tensor:
         return reference.topk_threshold(h, self.sparsity.sparse_ratio) if t_hidden is None else t_hidden
 
-    def _host_thresholds(self) -> tuple[float, float]:
-        """The thresholds as Python floats, read from the device once per change of the buffer."""
-        buf = self.act_threshold
-        key = _version_key(buf)
-        cached = self._cache.get("thresholds")
-        if cached is None or cached[0] != key:
-            cached = (key, tuple(float(v) for v in buf.detach().float().cpu()))
-            self._cache["thresholds"] = cached
-        return cached[1]
-
     def _transposed(self) -> tuple[Tensor, Tensor]:
         """Weights laid out (in, out) so the rows an active input needs are contiguous.
 
@@ -261,12 +286,6 @@ class SparseMLP(nn.Module):
         h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         self._calib.add(x, h)
         return self.down_proj(h)
-
-    @torch.no_grad()
-    def _set_thresholds(self, samples: _Samples) -> None:
-        ratio = self.sparsity.sparse_ratio
-        values = [reference.topk_threshold(s.reshape(1, -1), ratio).reshape(()) for s in samples.finish()]
-        self.act_threshold.copy_(torch.stack(values).to(self.act_threshold))
 
     # ------------------------------------------------------------------------------- loading
     def _weights(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -293,11 +312,11 @@ class SparseMLP(nn.Module):
 
 
 class calibration(AbstractContextManager):
-    """Calibrate the dynamic-mode thresholds of every SparseMLP inside ``model``.
+    """Calibrate the dynamic-mode thresholds of every SparseMLP and DynamicSparseLinear inside ``model``.
 
     Forward passes run inside the block are dense and record activation magnitudes; on leaving
     the block each module's thresholds are set so that ``sparse_ratio`` of the recorded
-    activations entering each projection fall at or under them::
+    activations entering each sparsified projection fall at or under them::
 
         with ds_core.calibration(model), torch.no_grad():
             for batch in calibration_batches:
@@ -306,13 +325,12 @@ class calibration(AbstractContextManager):
 
     def __init__(self, model: nn.Module, max_samples: int = _CALIB_MAX_SAMPLES):
         self.modules = [
-            m
-            for m in model.modules()
-            if isinstance(m, SparseMLP) and m.sparsity.mode == "dynamic" and m.sparsity.sparse_ratio > 0
+            m for m in model.modules() if isinstance(m, ThresholdCalibrated) and m._wants_calibration()
         ]
         if not self.modules:
             raise DsCoreError(
-                "calibration: model: holds no SparseMLP with mode='dynamic' and sparse_ratio > 0"
+                "calibration: model: holds no SparseMLP or DynamicSparseLinear with mode='dynamic' "
+                "and sparse_ratio > 0"
             )
         for m in self.modules:
             m._calib = _Samples(max_samples)
@@ -325,23 +343,26 @@ class calibration(AbstractContextManager):
             return
         for m, s in samples:
             if s.seen == 0:
-                raise DsCoreError("calibration: no forward pass reached a SparseMLP inside the block")
+                raise DsCoreError(
+                    f"calibration: no forward pass reached a {type(m).__name__} inside the block"
+                )
             m._set_thresholds(s)
-            m.clear_cache()
 
 
 class _Samples:
-    """A bounded, evenly strided sample of |x| and |h| magnitudes (float32, on the CPU)."""
+    """A bounded, evenly strided sample of the magnitudes of each activation stream (float32, on the CPU)."""
 
     def __init__(self, max_samples: int):
         self.max_samples = max_samples
-        self.parts: tuple[list[Tensor], list[Tensor]] = ([], [])
+        self.parts: list[list[Tensor]] = []
         self.seen = 0
 
     @torch.no_grad()
-    def add(self, x: Tensor, h: Tensor) -> None:
+    def add(self, *streams: Tensor) -> None:
         self.seen += 1
-        for part, a in zip(self.parts, (x, h)):
+        if not self.parts:
+            self.parts = [[] for _ in streams]
+        for part, a in zip(self.parts, streams, strict=True):
             flat = a.detach().reshape(-1)
             step = max(1, flat.numel() // _CALIB_SAMPLES_PER_CALL)
             part.append(flat[::step].abs().float().cpu())

@@ -24,6 +24,7 @@ class ModelError(ValueError):
 
 
 SPARSITY_MODES = ("static", "dynamic")
+SPARSE_PROJECTIONS = ("mlp", "all")
 
 
 @dataclass
@@ -43,6 +44,9 @@ class ModelConfig:
     sparse_ratio: float = 0.0
     attention_sparse_ratio: float = 0.0
     sparsity_mode: str = "dynamic"
+    # Which projections sparse_ratio sparsifies: "mlp" (gate/up/down, ds_core.SparseMLP) or "all"
+    # (also the attention's q/k/v/o, as ds_core.DynamicSparseLinear: TEAL's setting).
+    sparse_projections: str = "mlp"
     head_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -66,6 +70,11 @@ class ModelConfig:
         if self.sparsity_mode not in SPARSITY_MODES:
             raise ModelError(
                 f"sparsity_mode: expected one of {', '.join(SPARSITY_MODES)}, got {self.sparsity_mode!r}"
+            )
+        if self.sparse_projections not in SPARSE_PROJECTIONS:
+            raise ModelError(
+                f"sparse_projections: expected one of {', '.join(SPARSE_PROJECTIONS)}, "
+                f"got {self.sparse_projections!r}"
             )
         if self.d_model % self.n_heads:
             raise ModelError(f"n_heads: {self.n_heads} does not divide d_model {self.d_model}")

@@ -7,12 +7,15 @@ On CUDA the one-token decode step runs without per-token Python overhead (gpt-fa
 static cache, shapes that never change between steps):
   "compile"     the default on CUDA. Dense models: torch.compile(mode="reduce-overhead",
                 fullgraph=True), fused kernels captured in a CUDA graph (batch 1 of a narrow model:
-                inductor's tuned matrix-vector reductions, GEMV_COMPILE_OPTIONS). Sparse models: ds_core's
+                inductor's tuned matrix-vector reductions, GEMV_COMPILE_OPTIONS, and ds_core's
+                Triton GEMV for q/k/v and down, STEP_KERNELS). Sparse models: ds_core's
                 sparse MLP picks its kernels on the host (cached per weight version), which dynamo
                 cannot trace; the step is compiled with graph breaks there, and the whole of it is
                 captured once with torch.cuda.CUDAGraph and replayed.
   "cuda-graph"  the eager step captured with torch.cuda.CUDAGraph and replayed (no compiler).
   "eager"       plain PyTorch; the default on CPU.
+Every one-token step of a dense model attends through ds_core.dense_decode_attention: only the
+valid cache slots are read, their range a device tensor (no mask is built per step).
 Sampling runs outside the graph with an explicitly seeded torch.Generator, so a seed gives the
 same tokens in every mode.
 """
@@ -26,6 +29,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
+from torch import nn
 
 from ds_models.config import ModelError
 from ds_models.model import KVCache, Transformer
@@ -180,13 +184,13 @@ def _stream(steps: Iterator[torch.Tensor], stops: torch.Tensor, batch: int) -> I
 _reusable: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _decode_state(model: Transformer, batch: int, cache_len: int, mode: str) -> dict:
+def _decode_state(model: Transformer, batch: int, cache_len: int, mode: str, kernels: frozenset) -> dict:
     weights = model.embed_tokens.weight
     new = {"cache": None, "graph": None, "busy": False, "key": None}
     if mode != "eager":
         # Weights replaced (model.to(...)) or updated in place (training) invalidate a recorded graph.
         params = tuple((p.data_ptr(), p._version) for p in model.parameters())
-        key = (batch, cache_len, weights.dtype, weights.device, params)
+        key = (batch, cache_len, weights.dtype, weights.device, kernels, params)
         state = _reusable.get(model)
         if state is not None and state["key"] == key and not state["busy"]:
             state["cache"].pad.zero_()
@@ -209,8 +213,10 @@ def _steps(model, rows, max_new_tokens, temperature, top_k, top_p, generator, mo
     if mode != "eager":
         for layer in model.layers:
             layer.self_attn.fuse_qkv()  # no-op when already fused and intact
-    state = _decode_state(model, B, cache_len, mode)
+    kernels = _step_kernels(model, B, mode)
+    state = _decode_state(model, B, cache_len, mode, kernels)
     cache = state["cache"]
+    cache.kernels = kernels
     state["busy"] = True
     try:
         logits = _prefill(model, cache, ids, mask if padded else None)  # (B, vocab)
@@ -275,8 +281,38 @@ _compiled: dict[str, object] = {}
 # compile takes ~70 s instead of ~40 s (~30 s from inductor's on-disk cache). Wider models and
 # larger batches keep the plain setting, which is what was measured for them.
 DENSE_COMPILE_OPTIONS: dict[str, object] = {"triton.cudagraphs": True}
+# Projections of the batch-1 step of a narrow dense model (compile / cuda-graph modes) that run as
+# ds_core's Triton GEMV (kernels/triton_gemv.py) instead of cuBLAS / inductor's reduction: "qkv"
+# with its bias in the epilogue, "down" with silu(gate) * up formed in its prologue. On an H100
+# (docs/benchmarks/ds-models.md) these two beat both; o, gate and lm_head did not, per kernel. The
+# environment variable DS_MODELS_STEP_KERNELS (a comma list of them, or "none") overrides it.
+STEP_KERNELS = ("qkv", "down")
 GEMV_COMPILE_OPTIONS: dict[str, object] = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
 GEMV_MAX_D_MODEL = 2048
+
+
+def _step_kernels(model: Transformer, batch: int, mode: str) -> frozenset[str]:
+    """The projections that run as ds_core's GEMV in this call's decode step (STEP_KERNELS)."""
+    weights = model.embed_tokens.weight
+    if mode == "eager" or batch != 1 or not weights.is_cuda or model.config.d_model > GEMV_MAX_D_MODEL:
+        return frozenset()
+    if _is_sparse(model) or not all(type(m) is nn.Linear for m in _gemv_linears(model)):
+        return frozenset()  # sparse MLPs, LoRA-wrapped or quantized projections keep their own kernels
+    env = os.environ.get("DS_MODELS_STEP_KERNELS")
+    kinds = STEP_KERNELS if env is None else [k for k in env.replace(" ", "").split(",") if k and k != "none"]
+    bad = [k for k in kinds if k not in ("qkv", "down")]
+    if bad:
+        raise ModelError(f"DS_MODELS_STEP_KERNELS: unknown kernel {bad[0]!r}, expected some of qkv, down")
+    if kinds:
+        from ds_core.kernels import triton_gemv  # noqa: F401  registers torch.ops.ds_core.gemv
+
+    return frozenset(kinds)
+
+
+def _gemv_linears(model: Transformer) -> Iterator[nn.Module]:
+    for layer in model.layers:
+        a, m = layer.self_attn, layer.mlp
+        yield from (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj, m.down_proj)
 
 
 def _compiled_decode_step(model, cache, tokens, input_pos):

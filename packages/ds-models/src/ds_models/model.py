@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ds_core import SparseMLP, SparsityConfig, sparse_attention
+from ds_core import (
+    DynamicSparseLinear,
+    SparseMLP,
+    SparsityConfig,
+    dense_decode_attention,
+    sparse_attention,
+    sparse_linear,
+)
 from ds_core.sparse_attention import pool_keys
 from ds_models.config import ModelConfig, ModelError
 
@@ -94,6 +101,9 @@ class KVCache:
         # step (they also use fused q/k/v weights). Sparse attention keeps working there: one-token
         # steps give ds_core the whole cache and the valid length as a device tensor.
         self.fixed_shapes = False
+        # Projections of a batch-1 one-token step that run as ds_core's Triton GEMV ("qkv", "down";
+        # generate sets them for its compiled / captured steps of narrow dense models).
+        self.kernels: frozenset[str] = frozenset()
         # Sparse attention: the mean key of every block of each row (counted from the row's first
         # token, after its padding), so a decode step scores blocks without reading all of K.
         # Prefills fill it (pool_written); each decode step's sparse_attention call refreshes the
@@ -163,16 +173,24 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         d, hd = config.d_model, config.head_dim
-        self.q_proj = nn.Linear(d, config.n_heads * hd, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(d, config.n_kv_heads * hd, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(d, config.n_kv_heads * hd, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.n_heads * hd, d, bias=False)
+        # sparse_projections "all": q/k/v/o skip their small input activations too (TEAL), as
+        # ds_core DynamicSparseLinear (an nn.Linear: same parameters and state-dict keys).
+        proj = (
+            SparsityConfig(sparse_ratio=config.sparse_ratio, mode=config.sparsity_mode)
+            if config.sparse_ratio > 0 and config.sparse_projections == "all"
+            else None
+        )
+        self.q_proj = _linear(d, config.n_heads * hd, config.qkv_bias, proj)
+        self.k_proj = _linear(d, config.n_kv_heads * hd, config.qkv_bias, proj)
+        self.v_proj = _linear(d, config.n_kv_heads * hd, config.qkv_bias, proj)
+        self.o_proj = _linear(config.n_heads * hd, d, False, proj)
         self.sparsity = (
             SparsityConfig(attention_sparse_ratio=config.attention_sparse_ratio, mode=config.sparsity_mode)
             if config.attention_sparse_ratio > 0
             else None
         )
         self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see fuse_qkv
+        self._sparse_qkv_t: tuple[tuple, tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
     def fuse_qkv(self) -> None:
         """Lay the q/k/v weights out in one buffer, the three Linears keeping views into it.
@@ -220,6 +238,47 @@ class Attention(nn.Module):
             offset += m.out_features
         return True
 
+    # A graph break under torch.compile (free inside the captured step), as ds_core's own sparse
+    # layers: the threshold check reads a host-side cache and the kernels launch from Python.
+    @torch.compiler.disable
+    def _sparse_qkv(self, x: torch.Tensor) -> torch.Tensor | None:
+        """q/k/v of calibrated dynamic-sparse projections as ONE row-gather product, or None.
+
+        The three share their input and, calibrated together, their threshold, so one compaction
+        of x and one GEMV over the concatenated transposed weights (cached, a second copy of them
+        while the model serves) do what three modules would do with three of each. Used for
+        inference with a KV cache; training and cache-free forwards run the three modules.
+        """
+        lins = (self.q_proj, self.k_proj, self.v_proj)
+        if torch.is_grad_enabled() or any(
+            type(m) is not DynamicSparseLinear or m.sparsity.mode != "dynamic" or not m.calibrated
+            for m in lins
+        ):
+            return None
+        if len({m._host_thresholds() for m in lins}) != 1:  # calibrated apart: keep them apart
+            return None
+        key = tuple(
+            (t.data_ptr(), t._version, t.dtype, t.device)
+            for m in lins
+            for t in (m.weight, m.bias)
+            if t is not None
+        )
+        if self._sparse_qkv_t is None or self._sparse_qkv_t[0] != key:
+            with torch.no_grad():
+                wt = torch.cat([m.weight for m in lins]).t().contiguous()  # (d_model, (H + 2K) * D)
+                b = torch.cat([m.bias for m in lins]) if self.q_proj.bias is not None else None
+            self._sparse_qkv_t = (key, (wt, b))
+        wt, b = self._sparse_qkv_t[1]
+        s = self.q_proj.sparsity
+        return sparse_linear(
+            x,
+            wt,
+            self.q_proj.act_threshold,
+            b,
+            ratio=s.sparse_ratio,
+            dense_fallback_union=s.dense_fallback_union,
+        )
+
     def forward(
         self,
         x: torch.Tensor,  # (B, T, d_model)
@@ -230,15 +289,19 @@ class Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
+        sizes = [
+            self.n_heads * self.head_dim,
+            self.n_kv_heads * self.head_dim,
+            self.n_kv_heads * self.head_dim,
+        ]
         if self.qkv is not None and cache is not None and cache.fixed_shapes:
-            q, k, v = F.linear(x, *self.qkv).split(
-                [
-                    self.n_heads * self.head_dim,
-                    self.n_kv_heads * self.head_dim,
-                    self.n_kv_heads * self.head_dim,
-                ],
-                dim=-1,
-            )
+            # Batch-1 steps of generate: one ds_core GEMV with the bias in its epilogue (cuBLAS's
+            # addmm is a GEMV plus an add there, and inductor leaves it alone).
+            kernels = cache.kernels if isinstance(cache, _DecodeView) else ()
+            qkv = torch.ops.ds_core.gemv(x, *self.qkv) if "qkv" in kernels else F.linear(x, *self.qkv)
+            q, k, v = qkv.split(sizes, dim=-1)
+        elif cache is not None and (qkv := self._sparse_qkv(x)) is not None:
+            q, k, v = qkv.split(sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -262,6 +325,10 @@ class Attention(nn.Module):
                 kv_start=cache.pad,
                 pooled_k=cache.pooled[self.layer_idx],
             )
+        elif isinstance(cache, _DecodeView):
+            # Dense one-token step: ds_core's decode kernel reads only slots pad[b] .. input_pos
+            # (length on the device; no mask to build, traceable and capturable).
+            y = dense_decode_attention(q, k, v, kv_length=cache.length, kv_start=cache.pad)
         elif self.sparsity is not None and mask is None:
             # Unpadded prefill: ds_core picks sinks + local window + top key blocks per GQA group.
             y = sparse_attention(q, k, v, sparsity=self.sparsity, causal=True)
@@ -271,6 +338,12 @@ class Attention(nn.Module):
             y = _masked_gqa_attention(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
+
+
+def _linear(n_in: int, n_out: int, bias: bool, sparsity: SparsityConfig | None) -> nn.Linear:
+    if sparsity is None:
+        return nn.Linear(n_in, n_out, bias=bias)
+    return DynamicSparseLinear(n_in, n_out, bias=bias, sparsity=sparsity)
 
 
 # ds_core validates its inputs in Python and launches Triton kernels that update the pooled-key
@@ -317,7 +390,15 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, input_pos, cache):  # x (B, T, d_model)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        if "down" in (cache.kernels if isinstance(cache, _DecodeView) else ()):
+            # Batch-1 step of generate, dense MLP: the down projection as ds_core's GEMV, which
+            # forms silu(gate) * up in its prologue.
+            m = self.mlp
+            return x + torch.ops.ds_core.gemv(
+                m.gate_proj(h), m.down_proj.weight, m.down_proj.bias, m.up_proj(h)
+            )
+        return x + self.mlp(h)
 
 
 class Transformer(nn.Module):
@@ -383,7 +464,7 @@ class Transformer(nn.Module):
                 cache.set_padding(attention_mask)
             positions = input_pos[None, :] - cache.pad[:, None]  # (B, T)
             sparse = self.config.attention_sparse_ratio > 0
-            if sparse and T == 1:
+            if T == 1:
                 # Decode: ds_core reads the valid length (and each row's padding) on the device.
                 cache = _DecodeView(cache, input_pos + 1)
             else:
@@ -454,11 +535,12 @@ class Transformer(nn.Module):
 
 
 class _DecodeView:
-    """A KVCache during a one-token step of a sparse-attention model: `length` (1,) = input_pos + 1."""
+    """A KVCache during a one-token step: `length` (1,) = input_pos + 1, the valid slots' end."""
 
     def __init__(self, cache: KVCache, length: torch.Tensor) -> None:
         self.cache, self.length = cache, length
         self.pad, self.pooled, self.fixed_shapes = cache.pad, cache.pooled, cache.fixed_shapes
+        self.kernels = cache.kernels if cache.batch_size == 1 else frozenset()
 
     def update(self, layer, input_pos, k, v):
         return self.cache.update(layer, input_pos, k, v)
