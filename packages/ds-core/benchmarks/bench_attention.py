@@ -14,8 +14,8 @@ Eager timings (triton.testing.do_bench, median, its own L2 flush) are recorded t
 
 Also (``mha``): ds-7b's decode shape (MHA, 32 heads, ratio 0.3) per layer, the scores, ticket
 and rank kernels alone with their bandwidth on the kept bytes, under several settings of the
-decode knobs (``triton_attention.DECODE_TUNING``), with a %globaltimer trace of the rank
-kernel's phases; and for the decode cases the whole op under other knob settings (SWEEP),
+decode knobs (``triton_attention.DECODE_TUNING``); and for the decode cases the whole op under
+other knob settings (SWEEP),
 each checked against the torch path eagerly and replayed from a graph.
 
     python packages/ds-core/benchmarks/bench_attention.py --out attention.json
@@ -187,12 +187,9 @@ def layered(op, layers: list, reps: int) -> dict:
 # previous path: scores + a bisection top-k by the row's last program, then the split kernel
 SWEEP = [
     ("rank", {"path": "rank"}),
-    ("rank_nofuse", {"path": "rank", "fuse": False}),
     ("rank_W32_CH2", {"path": "rank", "blocks_per_program": 32, "chunk_blocks": 2}),
     ("rank_unchunked", {"path": "rank", "rank_chunk": 4096}),
-    ("ticket_preload", {"path": "ticket", "preload": True}),
-    ("ticket_pdl", {"path": "ticket", "pdl": True}),
-    ("rank_nofuse_pdl", {"path": "rank", "fuse": False, "pdl": True}),
+    ("ticket_splits16", {"path": "ticket", "splits": 16}),
 ]
 
 
@@ -211,54 +208,10 @@ def graph_rel(op, ref) -> dict:
     return out
 
 
-def trace_rank(q, k, v, pooled, count: int, bs: int, fuse: bool, reps: int = 5) -> dict:
-    """Phase times (us) of one rank_decode launch, from %globaltimer stamps each program writes
-    (TRACE): start, scored, past the barrier, ranked, K/V done, ticket taken, merged. L2 flushed
-    before each of ``reps`` launches; the median over launches of each statistic."""
-    from timing import _flush
-
-    B, Hkv, S = k.shape[0], k.shape[1], k.shape[2]
-    n = -(-S // bs)
-    geo = dict(block_size=bs, q_start=S - 1, n_blocks=n, causal=True, sink_blocks=1, local_blocks=2)
-    rows = B * Hkv
-    splits = -(-n // ta._rank_geometry(q.shape[1] // Hkv, n, bs, rows, q.device)[0])
-    tr = torch.zeros(rows * splits * 8, dtype=torch.int64, device=DEV)
-    stats: dict = {}
-    for _ in range(reps + 2):
-        sc = torch.empty(B, Hkv, 1, n, device=DEV) if fuse else ta.decode_block_scores(q, pooled, **geo)
-        tr.zero_()
-        next(iter(_flush.values())).zero_()
-        ta.rank_decode(
-            q, k, v, sc, count, block_size=bs, q_start=S - 1, fuse=(pooled, 1, 2) if fuse else None, trace=tr
-        )
-        torch.cuda.synchronize()
-        t = tr.view(rows * splits, 8).double().cpu()
-        t0 = t[:, 0].min()
-        us = lambda c, t=t, t0=t0: (t[:, c] - t0) / 1e3  # noqa: E731
-        merged = t[:, 7] > 0
-        one = {
-            "programs": rows * splits,
-            "start_spread": float(us(0).max()),
-            "scored": float(us(1).median()) if fuse else 0.0,
-            "ready": float(us(2).median()),
-            "ready_max": float(us(2).max()),
-            "ranked": float(us(4).median()),
-            "kv_done": float(us(5).median()),
-            "kv_done_max": float(us(5).max()),
-            "ticket": float(us(6).median()),
-            "merged_max": float(us(7)[merged].max()) if merged.any() else 0.0,
-            "kept_per_program_max": int(t[:, 3].max()),
-            "kept_per_program_mean": float(t[:, 3].mean()),
-        }
-        for key, val in one.items():
-            stats.setdefault(key, []).append(val)
-    return {key: sorted(vals[2:])[len(vals[2:]) // 2] for key, vals in stats.items()}
-
-
 def mha_bench(results: dict, reps: int, n_layers: int = 8) -> str:
     """ds-7b's attention shape (MHA, 32 heads, head dim 128, ratio 0.3, 8448 slots, 8256 valid):
     the rank kernel alone over n_layers layers' caches in one graph, its bandwidth on the kept
-    bytes, under each knob setting; the scores kernel alone; and a trace of one launch."""
+    bytes, under each knob setting; the scores kernel and the ticket kernels alone."""
     B, H, S, D, bs = 1, 32, 8256, 128, 64
     dt = torch.bfloat16
     torch.manual_seed(7)
@@ -291,20 +244,6 @@ def mha_bench(results: dict, reps: int, n_layers: int = 8) -> str:
     )
     row["sdpa_us"] = per_layer(lambda i: flash_sdpa(q, layers[i][0], layers[i][1], False))
     saved = dict(ta.DECODE_TUNING)
-    for name, knobs in TICKET_SWEEP:  # the split kernel over the selected list, other settings
-        ta.DECODE_TUNING.update(saved)
-        ta.DECODE_TUNING.update(knobs)
-        guarded(
-            row,
-            f"ticket_attn[{name}]",
-            partial(
-                per_layer,
-                lambda i: ta.block_sparse_decode(
-                    q, layers[i][0], layers[i][1], idx, block_size=bs, q_start=S - 1
-                ),
-            ),
-        )
-        print(name, row[f"ticket_attn[{name}]"], flush=True)
     for name, knobs in MHA_SWEEP:
         ta.DECODE_TUNING.update(saved)
         ta.DECODE_TUNING.update(knobs)
@@ -318,17 +257,11 @@ def mha_bench(results: dict, reps: int, n_layers: int = 8) -> str:
         guarded(entry, "us", partial(per_layer, rank))
         if isinstance(entry["us"], float):
             entry["TBs"] = kept_bytes / entry["us"] / 1e6
-            guarded(entry, "trace", partial(trace_rank, q, *layers[0], count, bs, False))
         row[f"rank[{name}]"] = entry
         print(name, json.dumps(entry), flush=True)
     ta.DECODE_TUNING.update(saved)
     return "done"
 
-
-TICKET_SWEEP = [
-    ("preload_CH1_st3", {"preload": True, "chunk_blocks": 1, "num_stages": 3}),
-    ("preload_CH2_st2", {"preload": True, "chunk_blocks": 2, "num_stages": 2}),
-]
 
 MHA_SWEEP = [
     ("default", {}),
@@ -336,10 +269,7 @@ MHA_SWEEP = [
     ("W8_CH2_st2", {"blocks_per_program": 8, "chunk_blocks": 2, "num_stages": 2}),
     ("W4_CH1_st3", {"blocks_per_program": 4, "chunk_blocks": 1, "num_stages": 3}),
     ("W16_CH1_st3", {"blocks_per_program": 16, "chunk_blocks": 1, "num_stages": 3}),
-    ("W4_pdl", {"pdl": True}),
-    ("W4_list", {"rank_list": True}),
-    ("W8_list", {"blocks_per_program": 8, "rank_list": True}),
-    ("W16_list", {"blocks_per_program": 16, "rank_list": True}),
+    ("W4_cuda_cores", {"dot": False}),
 ]
 
 
@@ -419,8 +349,6 @@ def decode_bench(results: dict, contexts: list[int], keep_keys: int, reps: int, 
                     num_warps=nw,
                 )
                 guarded(comp, f"attn_ns{ns}_st{st}_w{nw}", partial(time_graph, attn, reps))
-            if bs == 64:
-                guarded(entry, "trace_fused", partial(trace_rank, q, k, v, pooled, n_keep, bs, True))
             # the whole op under other settings of the decode knobs (ta.DECODE_TUNING)
             saved = dict(ta.DECODE_TUNING)
             for name, knobs in SWEEP:

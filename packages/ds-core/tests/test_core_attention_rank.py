@@ -1,10 +1,8 @@
 """The rank-select decode kernel (``triton_attention.rank_decode``) against the PyTorch reference.
 
 Each program ranks its own slice of key blocks against the whole row of block scores and attends
-to those of rank < count; with ``fuse`` it also computes the scores itself and waits at a per-row
-barrier. On CPU (Triton's interpreter runs the programs one after another) the fused form is
-tested with one program per row, where the barrier cannot block; the GPU tests at the bottom run
-it with many programs per row.
+to those of rank < count. The GPU tests at the bottom run the compiled kernels at the issue-3 and
+ds-7b shapes and replay them in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -81,8 +79,7 @@ def rel(a, b):
         (torch.float32, 1, 6, 2, 700, 24, 16, 0.3, 400, True, {"blocks_per_program": 8, "chunk_blocks": 2}),
         (torch.float32, 1, 8, 1, 500, 16, 32, 0.4, None, False, {"blocks_per_program": 4, "chunk_blocks": 4}),
         (torch.float16, 1, 2, 1, 3000, 16, 64, 0.3, None, True, {"num_stages": 1}),
-        (torch.float32, 2, 4, 4, 1000, 32, 16, 0.7, None, True, {"rank_list": True}),  # list in memory
-        (torch.float16, 1, 8, 2, 900, 64, 32, 0.2, 500, True, {"rank_list": True, "blocks_per_program": 8}),
+        (torch.float16, 1, 8, 2, 900, 64, 32, 0.2, 500, True, {"blocks_per_program": 8}),
     ],
 )
 def test_rank_decode_selects_the_reference_top_k_and_attends_like_the_reference(
@@ -116,58 +113,6 @@ def test_rank_selection_breaks_ties_towards_the_lower_block(tuning, W):
     for count in (3, 7, 20):
         got = ta.rank_decode(q, k, v, scores, count, block_size=bs, q_start=S - 1)[1]
         assert torch.equal(got.sort(-1).values, ta.select_top_blocks(scores, count))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fused_scoring_writes_the_reference_scores_and_resets_its_barrier(tuning, dtype):
-    # one program per row: the interpreter runs programs one by one, so the barrier must not block
-    tuning.update(blocks_per_program=64, chunk_blocks=2)
-    B, Hq, Hkv, S, bs = 2, 8, 2, 700, 16
-    q, k, v, pooled, scores, counts, _, ref = case(B, Hq, Hkv, S, 32, dtype, 5, bs=bs, frac=0.3)
-    outs = []
-    for _ in range(2):  # a second launch finds the barrier and tickets reset
-        got_scores = torch.full_like(scores, float("nan"))
-        out, got = ta.rank_decode(
-            q, k, v, got_scores, int(counts[0]), block_size=bs, q_start=S - 1, fuse=(pooled.to(dtype), 1, 2)
-        )
-        outs.append(out)
-        finite = scores.isfinite()
-        assert torch.equal(got_scores.isinf(), scores.isinf())
-        torch.testing.assert_close(got_scores[finite], scores[finite], rtol=1e-2, atol=1e-2)
-        assert torch.equal(got.sort(-1).values.long(), select_blocks(got_scores, counts).long())
-        assert rel(out, ref) < TOL[dtype]
-        assert int(ta._ticket_buffer(q.device, B * Hkv, "bar")[: B * Hkv].abs().sum()) == 0
-    assert torch.equal(outs[0], outs[1])
-
-
-def test_fused_scoring_on_the_device_length_path_refreshes_the_pooled_cache(tuning):
-    """kv_length path, fused: the program owning the latest complete block writes its mean."""
-    tuning.update(blocks_per_program=16, chunk_blocks=2)
-    B, Hkv, G, S, bs, D = 2, 2, 2, 200, 16, 16
-    q, k, v = (torch.randn(*s, device=DEVICE) for s in ((B, Hkv * G, 1, D), (B, Hkv, S, D), (B, Hkv, S, D)))
-    starts, length = [0, 37], 150
-    pooled = torch.zeros(B, Hkv, S // bs, D, device=DEVICE)
-    for b, s in enumerate(starts):
-        pool_keys(
-            k[b : b + 1, :, s : length - 1], bs, out=pooled[b : b + 1]
-        )  # the block just completed is missing
-    n_blocks = -(-S // bs)
-    table = torch.tensor([0] + [min(j, 4) for j in range(1, n_blocks + 1)], device=DEVICE, dtype=torch.int32)
-    start_t = torch.tensor(starts, device=DEVICE)
-    length_t = torch.tensor([length], device=DEVICE).expand(B)
-    sc = torch.empty(B, Hkv, 1, n_blocks, device=DEVICE)
-    out = ta.rank_decode(
-        q, k, v, sc, 4, block_size=bs, q_start=0, dynamic=(start_t, length_t, 0, table), fuse=(pooled, 1, 2)
-    )[0]
-    for b, s in enumerate(starts):
-        n = length - s
-        full = pool_keys(k[b : b + 1, :, s:length], bs)[0, :, : n // bs]
-        torch.testing.assert_close(pooled[b, :, : n // bs], full, rtol=1e-5, atol=1e-5)
-        cfg = SparsityConfig(attention_keep_keys=4 * bs, attention_block_size=bs)
-        want = sparse_attention(
-            q[b : b + 1], k[b : b + 1, :, s:length], v[b : b + 1, :, s:length], sparsity=cfg, backend="torch"
-        )
-        assert rel(out[b : b + 1], want) < 1e-4
 
 
 @pytest.mark.parametrize(
@@ -208,12 +153,12 @@ def test_device_length_rank_path_with_many_programs_per_row(tuning, knobs):
 # ------------------------------------------------------------------ the compiled kernels (GPU)
 
 
-@pytest.mark.skipif(GPU, reason="the per-row barrier with many programs needs the compiled kernels on a GPU")
+@pytest.mark.skipif(GPU, reason="the compiled kernels on a GPU")
 @pytest.mark.parametrize(
     ("S", "Hkv", "G", "keep"), [(32768, 8, 4, 32), (65536, 8, 4, 32), (8448, 32, 1, None)]
 )
 def test_gpu_decode_at_long_context_selects_and_attends_like_the_reference(S, Hkv, G, keep):
-    """The issue-3 shapes (one launch, a barrier over 8 / 16 programs per row) and ds-7b's MHA."""
+    """The issue-3 shapes (GQA 4, 32k / 64k keys, 32 blocks kept) and ds-7b's MHA, on the rank path."""
     g = torch.Generator().manual_seed(S)
     q, k, v = (
         torch.randn(*s, generator=g).to(torch.bfloat16).to(DEVICE)
@@ -226,12 +171,8 @@ def test_gpu_decode_at_long_context_selects_and_attends_like_the_reference(S, Hk
     pooled = pool_keys(k, 64).to(torch.bfloat16)  # the decoder's cache dtype, on both sides
     geo = dict(block_size=64, q_start=S - 1, n_blocks=n, causal=True, sink_blocks=1, local_blocks=2)
     idx = select_blocks(block_scores(q, pooled, **geo), counts)
-    fused = ta.rank_fusable(q, Hkv, n, 64)
-    assert fused == (G > 1)
-    sc = torch.empty(1, Hkv, 1, n, device=DEVICE) if fused else ta.decode_block_scores(q, pooled, **geo)
-    out, got = ta.rank_decode(
-        q, k, v, sc, int(counts[0]), block_size=64, q_start=S - 1, fuse=(pooled, 1, 2) if fused else None
-    )
+    sc = ta.decode_block_scores(q, pooled, **geo)
+    out, got = ta.rank_decode(q, k, v, sc, int(counts[0]), block_size=64, q_start=S - 1)
     assert torch.equal(got.sort(-1).values.long(), idx.long())
     ref = reference_sparse_attention(q, k, v, idx, counts, block_size=64, q_start=S - 1)
     assert rel(out, ref) < 1e-2
@@ -240,11 +181,10 @@ def test_gpu_decode_at_long_context_selects_and_attends_like_the_reference(S, Hk
 
 
 @pytest.mark.skipif(GPU, reason="CUDA-graph capture needs the compiled kernels on a GPU")
-@pytest.mark.parametrize("pdl", [False, True])  # programmatic dependent launch between the kernels
 @pytest.mark.parametrize(("G", "path"), [(4, "rank"), (1, "rank"), (4, "ticket")])
-def test_gpu_graph_replays_the_rank_path_at_every_length(tuning, G, path, pdl):
-    """GQA rank: one launch, a barrier over 4 programs per row; MHA rank and ticket: two launches."""
-    tuning.update(path=path, pdl=pdl)
+def test_gpu_graph_replays_the_rank_path_at_every_length(tuning, G, path):
+    """Scores kernel, then the rank or the ticket attention kernel: two launches per step."""
+    tuning.update(path=path)
     B, Hkv, S, bs, D = 2, 8 if G > 1 else 16, 16384, 64, 128
     g = torch.Generator().manual_seed(2)
     q, k, v = (
@@ -271,7 +211,7 @@ def test_gpu_graph_replays_the_rank_path_at_every_length(tuning, G, path, pdl):
         for b, s in enumerate([0, 100]):
             pool_keys(k[b : b + 1, :, s : length - 1], bs, out=pooled[b : b + 1])
         n.fill_(length)
-        for _ in range(2):  # twice: the barrier and tickets must be reset by the kernel itself
+        for _ in range(2):  # twice: the tickets must be reset by the kernel itself
             graph.replay()
         want = torch.cat(
             [
@@ -292,9 +232,9 @@ def test_gpu_graph_replays_the_rank_path_at_every_length(tuning, G, path, pdl):
 @pytest.mark.parametrize(
     "knobs",
     [
-        {"preload": False},  # one index load per block
-        {"preload": True, "chunk_blocks": 2, "splits": 3},  # the slice's indices in registers
-        {"preload": True, "chunk_blocks": 1, "splits": 1, "num_stages": 3},
+        {},  # the default split
+        {"splits": 3},
+        {"splits": 1, "num_stages": 3},
     ],
 )
 @pytest.mark.parametrize(("Hq", "Hkv", "frac"), [(4, 4, 0.7), (8, 2, 0.3)])

@@ -545,10 +545,10 @@ def attention_step_ms(config, prompt_len, new_tokens, ratio=0.3, reps=20):
     out = {"cache_slots": S, "length": n}
     for name, fn in (("dense_ms", dense), ("sparse_ms", sparse)):
         out[name] = _graph_ms(fn, reps)
-    # DS_ATTN_VARIANTS="ticket;W=8,st=2;pdl=1;list=1": the sparse step again under each setting of
+    # DS_ATTN_VARIANTS="ticket;W=8,st=2;dot=0": the sparse step again under each setting of
     # ds-core's decode knobs (kernels.triton_attention.DECODE_TUNING), to sweep them in one device
     # call. Keys: ticket / rank (path), W (blocks per program), CH (blocks per tile), w (warps),
-    # st (stages), sp (ticket splits), dot / preload / list / pdl (=0 / =1)
+    # st (stages), sp (ticket splits), dot (=0 / =1: tl.dot or the CUDA cores)
     from ds_core.kernels import triton_attention as ta
 
     names = {
@@ -565,8 +565,8 @@ def attention_step_ms(config, prompt_len, new_tokens, ratio=0.3, reps=20):
             key, _, val = item.partition("=")
             if key in ("ticket", "rank"):
                 ta.DECODE_TUNING["path"] = key
-            elif key in ("dot", "preload", "list", "pdl"):
-                ta.DECODE_TUNING["rank_list" if key == "list" else key] = val == "1"
+            elif key == "dot":
+                ta.DECODE_TUNING["dot"] = val == "1"
             else:
                 ta.DECODE_TUNING[names[key]] = int(val)
         try:

@@ -18,10 +18,12 @@ kept) takes the "rank" path instead (``rank_decode``): the scores kernel only sc
 attention program owns a slice of W key blocks, ranks them against the row's scores (rank =
 #higher + #equal with a lower index; kept iff rank < count, exactly the top-k) and attends to
 its kept ones, so no single program per row bisects while the GPU waits (~8 us per layer for
-ds-7b's 32 rows). With ``fuse`` (small grids, all programs resident) the rank kernel also scores
-and meets the row's other programs at a spin barrier: one launch, measured slower for GQA than
-the ticket path because the in-register ranking is latency bound. ``DECODE_TUNING`` holds the
-knobs the benchmarks sweep (docs/benchmarks/ds-core.md has the numbers).
+ds-7b's 32 rows). ``DECODE_TUNING`` holds the knobs the benchmarks sweep. Variants measured and
+removed (docs/benchmarks/ds-core.md has the numbers): scoring inside the rank launch behind a
+per-row spin barrier (one launch; slower for GQA, whose in-register ranking is latency bound),
+programmatic dependent launch between the kernels (small, mixed), the ticket kernel's index slice
+preloaded into registers (slower), the rank kernel attending through a stored list (+2%, never
+checked on a GPU), and a %globaltimer trace of the kernel phases.
 
 A single fused kernel (each program scoring and selecting its row itself) was measured slower
 on H100 (docs/benchmarks/ds-core.md): the per-program walk over the pooled row is serial and
@@ -47,11 +49,6 @@ from ds_core.kernels.triton_common import num_sms as _num_sms
 from ds_core.kernels.triton_common import precision as _precision
 from ds_core.kernels.triton_prefill import block_sparse_prefill
 
-try:  # programmatic dependent launch (Hopper): only traced where DECODE_TUNING["pdl"] is on
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # an older Triton: the knob then fails at compile time, the default never uses it
-    gdc_launch_dependents = gdc_wait = None
-
 MAX_SELECT_BLOCKS = 1 << 16  # _select_kernel holds a row of scores in registers
 # dynamic-length decode: caches of at most 64 blocks that keep at most this many are scored,
 # selected and attended by one program per row (one launch); longer ones split the attention
@@ -74,11 +71,8 @@ def _decode_scores_kernel(
     V, s_vb, s_vh, s_vs, s_vd, Out, s_ob, s_oh, s_od, sm_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, SELECT: tl.constexpr, NB: tl.constexpr,
-    BS: tl.constexpr, DYN: tl.constexpr, ATTN: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    BS: tl.constexpr, DYN: tl.constexpr, ATTN: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # launched early behind the previous kernel: wait for it, let the next one launch
-        gdc_wait()
-        gdc_launch_dependents()
     row = tl.program_id(0)  # (batch, KV head): one GQA group
     b = row // Hkv
     h = row % Hkv
@@ -211,8 +205,7 @@ def _decode_scores(
         q, 0, 0, 0, 0, q, 0, 0, 0, 1.0,  # V / Out / sm_scale: its fused short-row attention only
         G=G, G_PAD=triton.next_power_of_2(G), D=D, BLOCK_D=triton.next_power_of_2(D),
         BLOCK_N=BLOCK_N, CAUSAL=causal, SELECT=select, NB=NB, BS=16, DYN=False, ATTN=False, PRECISION="ieee",
-        PDL=_pdl_on(q), num_warps=num_warps or (_fused_select_warps(NB) if select else _select_warps(NB)),
-        **_pdl(_pdl_on(q)),
+        num_warps=num_warps or (_fused_select_warps(NB) if select else _select_warps(NB)),
     )  # fmt: skip
     return out, idx
 
@@ -361,10 +354,8 @@ def _decode_attn_kernel(
     START, LEN, s_len, TABLE,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BS: tl.constexpr, N_SPLITS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    DYN: tl.constexpr, PS: tl.constexpr, CH: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
+    DYN: tl.constexpr,
 ):  # fmt: skip
-    """PS > 0 (>= per_split): the program's slice of the index list is loaded once, up front,
-    and the blocks are gathered CH per tile (``_attend_kept``); PS = 0: one index load per block."""
     row = tl.program_id(0)  # (batch, KV head): one GQA group
     split = tl.program_id(1)  # which slice of the row's kept blocks
     b = row // Hkv
@@ -388,24 +379,12 @@ def _decode_attn_kernel(
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
-    if PDL:  # q, the lengths and the table are older than the previous kernel; the list is not
-        gdc_launch_dependents()
-        gdc_wait()
     lo = split * per_split
     hi = tl.minimum(lo + per_split, count)
-    if PS > 0:
-        i = tl.arange(0, PS)
-        listed = i < hi - lo
-        ids = tl.load(IDX + row * s_ir + lo + i, mask=listed, other=0)
-        m_i, l_i, acc = _attend_kept(
-            q, k_base, v_base, ids, i, listed, tl.maximum(hi - lo, 0), S, qpos, s_ks, s_kd, s_vs, s_vd,
-            qk_scale, m_i, l_i, acc, BLOCK_D, D, BS, CH, CAUSAL, True, PRECISION, STAGES,
-        )  # fmt: skip
-    else:
-        m_i, l_i, acc = _attend_blocks(
-            q, k_base, v_base, IDX + row * s_ir, lo, hi, S, qpos, s_ks, s_kd, s_vs, s_vd, qk_scale,
-            m_i, l_i, acc, BLOCK_D, D, BS, CAUSAL, PRECISION,
-        )  # fmt: skip
+    m_i, l_i, acc = _attend_blocks(
+        q, k_base, v_base, IDX + row * s_ir, lo, hi, S, qpos, s_ks, s_kd, s_vs, s_vd, qk_scale,
+        m_i, l_i, acc, BLOCK_D, D, BS, CAUSAL, PRECISION,
+    )  # fmt: skip
     # publish the partial result: (rows, N_SPLITS, G_PAD, BLOCK_D) and (rows, N_SPLITS, 2, G_PAD)
     part = (row * N_SPLITS + split) * G_PAD
     tl.store(OP + (part + g)[:, None] * BLOCK_D + d[None, :], acc)
@@ -423,13 +402,6 @@ def _decode_attn_kernel(
 # --------------------------------------------------------------------------------------------
 # decode: selection by rank inside the attention kernel (one program per slice of key blocks)
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _clock():
-    return tl.inline_asm_elementwise(
-        "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
-    )
 
 
 @triton.jit
@@ -494,42 +466,6 @@ def _merge_wide(
 
 
 @triton.jit
-def _score_slice(
-    Q, P, K, SC, row, b, h, jw, s_qb, s_qh, s_qd, s_pb, s_ph, s_pn, s_pd, s_kb, s_kh, s_ks, s_kd,
-    n_pooled, n_blocks, n_valid, qblock, sink_blocks, local_blocks, split,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
-    W: tl.constexpr, CAUSAL: tl.constexpr, DYN: tl.constexpr,
-):  # fmt: skip
-    """The masked block scores of blocks jw (W,) of the row, written to SC (``_decode_scores_kernel``
-    for one slice; DYN: K is already offset to the row's first slot)."""
-    d = tl.arange(0, BLOCK_D)
-    g = tl.arange(0, G_PAD)
-    q_ptr = Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :] * s_qd
-    qg = tl.load(q_ptr, mask=(g < G)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
-    qsum = tl.sum(qg, axis=0)  # (BLOCK_D,): the group's query, summed over its heads
-    p_ptr = P + b * s_pb + h * s_ph + jw[:, None] * s_pn + d[None, :] * s_pd
-    pk = tl.load(p_ptr, mask=(jw < n_pooled)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
-    score = tl.sum(pk * qsum[None, :], axis=1)  # (W,)
-    if DYN:  # the latest complete block joins the pooled-key cache (see the scores kernel)
-        c = n_valid // BS - 1
-        if (c >= 0) & (c // W == split):
-            o = tl.arange(0, BS)
-            k_ptr = K + b * s_kb + h * s_kh + (c * BS + o)[:, None] * s_ks + d[None, :] * s_kd
-            kb = tl.load(k_ptr, mask=(d < D)[None, :], other=0.0).to(tl.float32)  # (BS, BLOCK_D)
-            mean = (tl.sum(kb, axis=0) / BS).to(P.dtype.element_ty)
-            tl.store(P + b * s_pb + h * s_ph + c * s_pn + d * s_pd, mean, mask=d < D)
-            score = tl.where(jw == c, tl.sum(mean.to(tl.float32) * qsum, axis=0), score)
-    forced = (jw < sink_blocks) | ((jw <= qblock) & (jw > qblock - local_blocks))
-    if CAUSAL:
-        visible = jw <= qblock
-    else:
-        visible = jw < n_blocks
-    score = tl.where(forced & visible, float("inf"), score)
-    score = tl.where(visible, score, float("-inf"))
-    tl.store(SC + row * n_blocks + jw, score, mask=jw < n_blocks)
-
-
-@triton.jit
 def _attend_kept(
     q, k_base, v_base, jw, pos, keep, n_keep, S, qpos, s_ks, s_kd, s_vs, s_vd, qk_scale, m_i, l_i, acc,
     BLOCK_D: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, CAUSAL: tl.constexpr,
@@ -571,20 +507,14 @@ def _decode_rank_kernel(
     s_ir,
     sm_scale, Hkv, n_blocks, S, qpos, count,
     START, LEN, s_len, TABLE,
-    P, s_pb, s_ph, s_pn, s_pd, n_pooled, sink_blocks, local_blocks, BAR, TR,
     G: tl.constexpr, G_PAD: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BS: tl.constexpr, W: tl.constexpr, CH: tl.constexpr, NB: tl.constexpr, N_SPLITS: tl.constexpr,
     NSP: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, DYN: tl.constexpr,
-    STAGES: tl.constexpr, FUSE: tl.constexpr, TRACE: tl.constexpr, RC: tl.constexpr, LIST: tl.constexpr, SCR,
-    PDL: tl.constexpr,
+    STAGES: tl.constexpr, RC: tl.constexpr,
 ):  # fmt: skip
     """Program (row, split) owns key blocks [split * W, split * W + W) of the row: it ranks them
     against the row's scores (SC, written by the scores kernel), attends to those of rank < count
-    in tiles of CH blocks, publishes a partial softmax, and the row's last program merges.
-
-    FUSE: the program first scores its own blocks from the pooled keys P (as the scores kernel
-    does), then waits at a per-row barrier (spin on an atomic counter) for the row's other
-    programs: one launch in all. Only for grids whose programs are all resident at once."""
+    in tiles of CH blocks, publishes a partial softmax, and the row's last program merges."""
     row = tl.program_id(0)  # (batch, KV head): one GQA group
     split = tl.program_id(1)
     b = row // Hkv
@@ -596,29 +526,9 @@ def _decode_rank_kernel(
         count = tl.load(TABLE + (S - 1) // BS + 1).to(tl.int32)
         K += st * s_ks
         V += st * s_vs
-    tr = TR + (row * N_SPLITS + split) * 8  # TRACE (benchmarks): %globaltimer at each phase
-    if TRACE:
-        tl.store(tr, _clock())
     jw = split * W + tl.arange(0, W)
-    if FUSE:
-        _score_slice(
-            Q, P, K, SC, row, b, h, jw, s_qb, s_qh, s_qd, s_pb, s_ph, s_pn, s_pd, s_kb, s_kh, s_ks, s_kd,
-            n_pooled, n_blocks, S, qpos // BS, sink_blocks, local_blocks, split,
-            G, G_PAD, D, BLOCK_D, BS, W, CAUSAL, DYN,
-        )  # fmt: skip
-        tl.debug_barrier()  # every thread's score stores precede the release below
-        tl.atomic_add(BAR + row, 1, sem="release")
-        arrived = tl.atomic_add(BAR + row, 0, sem="acquire")
-        while arrived < N_SPLITS:
-            arrived = tl.atomic_add(BAR + row, 0, sem="acquire")
-        tl.debug_barrier()
-    if TRACE:
-        tl.store(tr + 2, _clock())
     # rank = #(higher score) + #(equal score, lower index): block j is kept iff rank < count,
     # which is exactly the top-count with ties to the lower index; no sort, no bisection
-    if PDL:  # the scores come from the previous kernel
-        gdc_launch_dependents()
-        gdc_wait()
     key_w = _order_key(
         tl.load(SC + row * n_blocks + jw, mask=jw < n_blocks, other=float("-inf"), cache_modifier=".cg")
     )
@@ -638,9 +548,6 @@ def _decode_rank_kernel(
     tl.store(IDX + row * s_ir + rank, jw, mask=keep)  # the selection, in score order (for tests)
     pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1  # the kept blocks, packed in ascending order
     n_keep = tl.sum(keep.to(tl.int32), axis=0)
-    if TRACE:
-        tl.store(tr + 3, n_keep.to(tl.int64))
-        tl.store(tr + 4, _clock())
 
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, BLOCK_D)
@@ -653,21 +560,10 @@ def _decode_rank_kernel(
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
-    if LIST:  # the kept blocks as a list in memory, one index load per block (_attend_blocks)
-        lst = SCR + (row * N_SPLITS + split) * W
-        tl.store(lst + pos, jw, mask=keep)
-        tl.debug_barrier()  # the list is read back by other threads of this program
-        m_i, l_i, acc = _attend_blocks(
-            q, k_base, v_base, lst, 0, n_keep, S, qpos, s_ks, s_kd, s_vs, s_vd, qk_scale,
-            m_i, l_i, acc, BLOCK_D, D, BS, CAUSAL, PRECISION,
-        )  # fmt: skip
-    else:
-        m_i, l_i, acc = _attend_kept(
-            q, k_base, v_base, jw, pos, keep, n_keep, S, qpos, s_ks, s_kd, s_vs, s_vd, qk_scale, m_i, l_i, acc,
-            BLOCK_D, D, BS, CH, CAUSAL, DOT, PRECISION, STAGES,
-        )  # fmt: skip
-    if TRACE:
-        tl.store(tr + 5, _clock())
+    m_i, l_i, acc = _attend_kept(
+        q, k_base, v_base, jw, pos, keep, n_keep, S, qpos, s_ks, s_kd, s_vs, s_vd, qk_scale, m_i, l_i, acc,
+        BLOCK_D, D, BS, CH, CAUSAL, DOT, PRECISION, STAGES,
+    )  # fmt: skip
     # publish the partial result: (rows, N_SPLITS, GS, BLOCK_D) and (rows, N_SPLITS, 2, GS)
     part = (row * N_SPLITS + split) * GS
     gmask = g < GS
@@ -676,14 +572,8 @@ def _decode_rank_kernel(
     tl.store(ML + (part * 2 + GS + g), l_i, mask=gmask)
     tl.debug_barrier()
     ticket = tl.atomic_add(TICKET + row, 1, sem="acq_rel")
-    if TRACE:
-        tl.store(tr + 6, _clock())
     if ticket == N_SPLITS - 1:
         _merge_wide(OP, ML, Out, row, b, h, s_ob, s_oh, s_od, G, GS, D, BLOCK_D, N_SPLITS, NSP)
-        if TRACE:
-            tl.store(tr + 7, _clock())
-        if FUSE:  # every program of the row is past the barrier: it can be reset
-            tl.atomic_xchg(BAR + row, 0)
         tl.atomic_xchg(TICKET + row, 0)  # ready for the next launch (and CUDA-graph replays)
 
 
@@ -697,13 +587,7 @@ DECODE_TUNING: dict = {
     "chunk_blocks": None,
     "num_warps": None,
     "num_stages": None,
-    "fuse": True,  # score inside the attention launch where the grid fits (rank_fusable)
-    # "ticket" attention: the program's index slice loaded up front and K/V gathered in
-    # pipelined tiles; measured slower than one index load per block (False), kept to compare
-    "preload": False,
     "splits": None,  # "ticket" attention: programs per row
-    "pdl": False,  # programmatic dependent launch between the decode kernels (Hopper)
-    "rank_list": False,  # rank: attend through a stored list, one index load per block
     "rank_chunk": 64,  # rank: row scores compared RC at a time
     "dot": None,  # False: multiply-and-sum on the CUDA cores instead of tl.dot
 }
@@ -732,16 +616,6 @@ def use_rank(G: int) -> bool:
     return path == "rank" or (path is None and G == 1)
 
 
-def rank_fusable(q: Tensor, rows: int, n_blocks: int, block_size: int) -> bool:
-    """Whether ``rank_decode`` may score in the same launch: its per-row barrier needs every
-    program resident at once (at most one per SM here), and a GPU (the interpreter runs the
-    programs one after another)."""
-    if q.device.type != "cuda" or not DECODE_TUNING["fuse"]:
-        return False
-    W = _rank_geometry(q.shape[0] * q.shape[1] // rows, n_blocks, block_size, rows, q.device)[0]
-    return rows * triton.cdiv(n_blocks, W) <= _num_sms(q.device)
-
-
 def rank_decode(
     q: Tensor,
     k: Tensor,
@@ -753,8 +627,6 @@ def rank_decode(
     q_start: int,
     causal: bool = True,
     dynamic: tuple | None = None,
-    fuse: tuple | None = None,
-    trace: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of one query token over the top-``count`` blocks of ``scores`` (rows, n_blocks).
 
@@ -762,8 +634,6 @@ def rank_decode(
     rank < count (the same set as ``select_top_blocks``), so no program waits for a selection.
     Returns (out (B, Hq, 1, D), indices (B, Hkv, 1, count) int32 in descending score order).
     ``dynamic`` as in ``block_sparse_decode``: ``count`` is then the table's largest entry.
-    ``fuse`` = (pooled_k, sink_blocks, local_blocks): the kernel computes the scores itself,
-    into ``scores`` (one launch; only where ``rank_fusable``).
     """
     B, Hq, _, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -772,23 +642,8 @@ def rank_decode(
     sc = scores.reshape(rows, n_blocks)
     W, CH, num_warps, num_stages = _rank_geometry(G, n_blocks, block_size, rows, q.device)
     n_splits = triton.cdiv(n_blocks, W)
-    if fuse is None:
-        p_args = (sc, 0, 0, 0, 0, 0, 0, 0, sc, sc if trace is None else trace)
-    else:
-        pk, sinks, local = fuse
-        p_args = (
-            pk,
-            *pk.stride(),
-            min(pk.shape[2], n_blocks),
-            sinks,
-            local,
-            _ticket_buffer(q.device, rows, "bar"),
-            sc if trace is None else trace,
-        )
     dot = True if DECODE_TUNING["dot"] is None else DECODE_TUNING["dot"]
     NB = max(16, triton.next_power_of_2(n_blocks))
-    listed = bool(DECODE_TUNING["rank_list"]) and dot  # _attend_blocks needs the tl.dot layout
-    scratch = torch.empty(rows * n_splits * W if listed else 1, device=q.device, dtype=torch.int32)
     G_PAD = max(16, triton.next_power_of_2(G)) if dot else triton.next_power_of_2(G)
     GS = triton.next_power_of_2(G)
     BLOCK_D = max(16, triton.next_power_of_2(D))
@@ -804,27 +659,13 @@ def rank_decode(
         out.stride(0), out.stride(1), out.stride(3),
         count,
         1.0 / math.sqrt(D), Hkv, n_blocks, S, q_start, count,
-        *((idx, idx, 0, idx) if dynamic is None else dynamic), *p_args,
+        *((idx, idx, 0, idx) if dynamic is None else dynamic),
         G=G, G_PAD=G_PAD, GS=GS, D=D, BLOCK_D=BLOCK_D, BS=block_size, W=W, CH=CH,
         NB=NB, N_SPLITS=n_splits, NSP=triton.next_power_of_2(n_splits),
         CAUSAL=causal, DOT=dot, PRECISION=_precision(q.dtype), DYN=dynamic is not None, STAGES=num_stages,
-        FUSE=fuse is not None, TRACE=trace is not None, RC=min(NB, DECODE_TUNING["rank_chunk"]),
-        LIST=listed, SCR=scratch,
-        PDL=_pdl_on(q) and fuse is None,
-        num_warps=num_warps, num_stages=num_stages,
-        **_pdl(_pdl_on(q) and fuse is None),
+        RC=min(NB, DECODE_TUNING["rank_chunk"]), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out, idx
-
-
-def _pdl_on(q: Tensor) -> bool:
-    return bool(DECODE_TUNING["pdl"]) and q.is_cuda
-
-
-def _pdl(on: bool) -> dict:
-    """Launch options: programmatic dependent launch (the kernel may start while the previous
-    one finishes; it waits with gdc_wait before reading that kernel's output)."""
-    return {"launch_pdl": True} if on else {}
 
 
 _tickets: dict[tuple[torch.device, str], Tensor] = {}
@@ -877,10 +718,6 @@ def block_sparse_decode(
     n_splits = DECODE_TUNING["splits"] or n_splits
     per_split = triton.cdiv(count, n_splits)
     n_splits = triton.cdiv(count, per_split)
-    preload = DECODE_TUNING["preload"]  # the index slice in registers, CH blocks per tile
-    CH = DECODE_TUNING["chunk_blocks"] or max(1, 128 // block_size) if preload else 1
-    if preload:
-        num_stages = DECODE_TUNING["num_stages"] or 2
     G_PAD, BLOCK_D = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(D))
     if num_stages > 1 and 2 * block_size * BLOCK_D * q.element_size() * num_stages > 160 * 1024:
         num_stages = 1  # K and V tiles of every stage must fit in shared memory
@@ -898,9 +735,7 @@ def block_sparse_decode(
         *((idx, idx, 0, idx) if dynamic is None else dynamic),
         G=G, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D, BS=block_size, N_SPLITS=n_splits,
         CAUSAL=causal, PRECISION=_precision(q.dtype), DYN=dynamic is not None,
-        PS=max(16, triton.next_power_of_2(per_split)) if preload else 0, CH=CH, STAGES=num_stages,
-        PDL=_pdl_on(q), num_warps=num_warps, num_stages=num_stages,
-        **_pdl(_pdl_on(q)),
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 
@@ -941,12 +776,6 @@ def dynamic_decode(
     rank = not fused and use_rank(G)  # selection by rank in the attention kernel
     G_PAD = max(16, triton.next_power_of_2(G)) if fused else triton.next_power_of_2(G)
     out = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype) if fused else q
-    dyn = (start, length, s_len, count_table)
-    if rank and rank_fusable(q, B * Hkv, n_blocks, block_size):  # one launch: scores inside
-        fuse = (pooled_k, sink_blocks, max(1, local_blocks))
-        return rank_decode(
-            q, k, v, scores, max_count, block_size=block_size, q_start=0, dynamic=dyn, fuse=fuse
-        )[0]
     _decode_scores_kernel[(B * Hkv, triton.cdiv(n_blocks, BLOCK_N))](
         q, pooled_k, scores,
         q.stride(0), q.stride(1), q.stride(3),
@@ -958,9 +787,7 @@ def dynamic_decode(
         1.0 / math.sqrt(D),
         G=G, G_PAD=G_PAD, D=D, BLOCK_D=max(16, triton.next_power_of_2(D)) if fused else triton.next_power_of_2(D),
         BLOCK_N=BLOCK_N, CAUSAL=True, SELECT=not rank, NB=NB, BS=block_size, DYN=True, ATTN=fused,
-        PRECISION=_precision(q.dtype), PDL=_pdl_on(q) and not fused,
-        num_warps=4 if fused or rank else _fused_select_warps(NB),
-        **_pdl(_pdl_on(q) and not fused),
+        PRECISION=_precision(q.dtype), num_warps=4 if fused or rank else _fused_select_warps(NB),
     )  # fmt: skip
     if fused:
         return out
@@ -1019,20 +846,6 @@ def sparse_attention_triton(
         local_blocks=local_blocks,
     )
     if q.shape[2] == 1 and n_blocks <= MAX_SELECT_BLOCKS and use_rank(q.shape[1] // k.shape[1]):
-        if rank_fusable(q, k.shape[0] * k.shape[1], n_blocks, block_size):  # one launch
-            scores = torch.empty(k.shape[0], k.shape[1], 1, n_blocks, device=q.device, dtype=torch.float32)
-            fuse = (pooled_k, sink_blocks, local_blocks)
-            return rank_decode(
-                q,
-                k,
-                v,
-                scores,
-                int(counts[0]),
-                block_size=block_size,
-                q_start=q_start,
-                causal=causal,
-                fuse=fuse,
-            )[0]
         scores = decode_block_scores(q, pooled_k, **geometry)
         return rank_decode(
             q, k, v, scores, int(counts[0]), block_size=block_size, q_start=q_start, causal=causal
