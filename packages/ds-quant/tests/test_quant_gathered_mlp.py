@@ -107,3 +107,17 @@ def test_quant_gathered_mlps_bad_quant_yaml(tmp_path, make_tiny):
     path.write_text(yaml.safe_dump({k: v for k, v in quant.items() if k != "gathered_mlps"}))
     with pytest.raises(DsQuantError, match=r"model\.safetensors"):
         load_quantized(tmp_path / "q")
+
+
+def test_quant_refuses_activation_sparse_attention_projections(tmp_path, make_tiny):
+    # sparse_projections: all makes q/k/v/o ds-core DynamicSparseLinear; a QuantLinear in their
+    # place would compute them densely, and ONNX has no op for them: both entry points refuse
+    from ds_quant import export_onnx
+
+    model = make_tiny(sparse_ratio=0.5, sparse_projections="all")
+    with pytest.raises(DsQuantError, match="sparse_projections: 'all'"):
+        quantize(model, bits=4, group_size=32)
+    with pytest.raises(DsQuantError, match="sparse_projections: 'all'"):
+        export_onnx(model, tmp_path / "m.onnx")
+    assert type(model.layers[0].self_attn.q_proj).__name__ == "DynamicSparseLinear"  # left as it was
+    quantize(make_tiny(sparse_ratio=0.5), bits=4, group_size=32)  # the MLP-only model still quantizes

@@ -52,6 +52,7 @@ from torch import nn
 from ds_models import apply_rope, rope_cos_sin
 from ds_quant.errors import DsQuantError
 from ds_quant.quant_linear import QuantEmbedding, QuantLinear
+from ds_quant.quantize import refuse_sparse_projections
 
 OPSET = 17
 MODEL_FILE = "model.onnx"
@@ -271,6 +272,7 @@ def export_onnx(
     """
     if accuracy_level not in ACCURACY_LEVELS:
         raise DsQuantError(f"--accuracy-level: expected one of {ACCURACY_LEVELS}, got {accuracy_level!r}")
+    refuse_sparse_projections(model)
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.accuracy_level = accuracy_level

@@ -135,6 +135,18 @@ def plan_precision(model: nn.Module, config: QuantConfig) -> dict[str, int | Non
     return plan
 
 
+def refuse_sparse_projections(model: nn.Module) -> None:
+    """ds-models' ``sparse_projections: all`` sparsifies the attention projections' inputs
+    (ds-core DynamicSparseLinear); a QuantLinear in their place would silently compute them
+    densely, and the ONNX graph has no such op: refuse, naming the config field."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "sparse_projections", "mlp") == "all" and getattr(cfg, "sparse_ratio", 0.0) > 0:
+        raise DsQuantError(
+            "config: sparse_projections: 'all' (activation-sparse attention projections) is not "
+            "supported by ds-quant yet; use a model with sparse_projections: mlp"
+        )
+
+
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
 
@@ -168,6 +180,7 @@ def quantize(
         raise DsQuantError(
             "model: already quantized (it holds QuantLinear modules); start from the float model"
         )
+    refuse_sparse_projections(model)
     # Static-sparse MLPs become the dense MLP of their kept neurons: the dropped rows are never
     # quantized, stored or exported (gathered_mlp.py). The plan's module names do not change.
     gather_static_mlps(model)
