@@ -179,14 +179,6 @@ class DynamicSparseLinear(ThresholdCalibrated, nn.Linear):
         """Ascending indices of the input features static mode keeps."""
         return reference.static_keep(self.feature_score.detach(), self.sparsity.sparse_ratio)
 
-    def train(self, mode: bool = True) -> DynamicSparseLinear:
-        self._cache.clear()  # packed / transposed copies go stale once weights train
-        return super().train(mode)
-
-    def clear_cache(self) -> None:
-        """Free the packed (static) / transposed (dynamic) weight copies kept for inference."""
-        self._cache.clear()
-
     def extra_repr(self) -> str:
         s = self.sparsity
         return f"{super().extra_repr()}, sparse_ratio={s.sparse_ratio}, mode={s.mode}"

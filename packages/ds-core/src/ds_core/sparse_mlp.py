@@ -46,7 +46,8 @@ class ThresholdCalibrated:
     """What ``calibration`` needs of a module: the protocol SparseMLP and DynamicSparseLinear share.
 
     A calibrated module holds an ``act_threshold`` buffer with one threshold per activation
-    stream it sparsifies (NaN until calibrated) and a ``_cache`` dict. While ``_calib`` is set
+    stream it sparsifies (NaN until calibrated) and a ``_cache`` dict of host-side values and
+    packed / transposed weight copies (cleared on ``train()``: they go stale once weights train). While ``_calib`` is set
     (inside ``calibration``) its forward pass runs dense and hands the streams, in the buffer's
     order, to ``self._calib.add(...)``; on leaving the block each threshold becomes the
     ``sparse_ratio``-quantile of its stream's recorded magnitudes.
@@ -61,6 +62,14 @@ class ThresholdCalibrated:
     @property
     def calibrated(self) -> bool:
         return hasattr(self, "act_threshold") and not math.isnan(self._host_thresholds()[0])
+
+    def train(self, mode: bool = True):
+        self._cache.clear()  # packed / transposed copies go stale once weights train
+        return super().train(mode)  # type: ignore[misc]
+
+    def clear_cache(self) -> None:
+        """Free the packed (static) / transposed (dynamic) weight copies kept for inference."""
+        self._cache.clear()
 
     @torch.no_grad()
     def calibrate(self, inputs: Tensor | Iterable[Tensor]):
@@ -126,14 +135,6 @@ class SparseMLP(ThresholdCalibrated, nn.Module):
     def sparse_state_keys(self) -> list[str]:
         """State-dict keys (relative to this module) that hold sparse state rather than weights."""
         return [k for k in ("neuron_score", "act_threshold") if hasattr(self, k)]
-
-    def train(self, mode: bool = True) -> SparseMLP:
-        self._cache.clear()  # packed / transposed copies go stale once weights train
-        return super().train(mode)
-
-    def clear_cache(self) -> None:
-        """Free the packed (static) / transposed (dynamic) weight copies kept for inference."""
-        self._cache.clear()
 
     def extra_repr(self) -> str:
         s = self.sparsity

@@ -314,6 +314,22 @@ def _merge_splits(
 
 
 @triton.jit
+def _group_query(
+    Q, b, h, s_qb, s_qh, s_qd, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr
+):  # fmt: skip
+    """The query heads of GQA group (b, h) as the M side of the dot, (G_PAD, BLOCK_D) (each K/V block
+    is then read once per group), and an empty online-softmax state (m, l, acc)."""
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, BLOCK_D)
+    q_ptr = Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :] * s_qd
+    q = tl.load(q_ptr, mask=(g < G)[:, None] & (d < D)[None, :], other=0.0)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    return q, m_i, l_i, acc
+
+
+@triton.jit
 def _attend_blocks(
     q, k_base, v_base, idx, lo, hi, S, qpos, s_ks, s_kd, s_vs, s_vd, qk_scale, m_i, l_i, acc,
     BLOCK_D: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
@@ -369,14 +385,8 @@ def _decode_attn_kernel(
         V += st * s_vs
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    # all query heads of the group are the M side of the dot: each K/V block is read once
-    q_ptr = Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :] * s_qd
-    q = tl.load(q_ptr, mask=(g < G)[:, None] & dmask[None, :], other=0.0)  # (G_PAD, BLOCK_D)
+    q, m_i, l_i, acc = _group_query(Q, b, h, s_qb, s_qh, s_qd, G, G_PAD, D, BLOCK_D)
     qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2
-    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     lo = split * per_split
@@ -551,13 +561,8 @@ def _decode_rank_kernel(
 
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    q_ptr = Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :] * s_qd
-    q = tl.load(q_ptr, mask=(g < G)[:, None] & dmask[None, :], other=0.0)  # (G_PAD, BLOCK_D)
+    q, m_i, l_i, acc = _group_query(Q, b, h, s_qb, s_qh, s_qd, G, G_PAD, D, BLOCK_D)
     qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2
-    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     m_i, l_i, acc = _attend_kept(
