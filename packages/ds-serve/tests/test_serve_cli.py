@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -110,3 +112,40 @@ def test_help_shows_defaults():
     assert "scheduler.max_batch" in r.stdout
     assert "--no-cuda-graph" in r.stdout and "--step-tokens STEP_TOKENS" in r.stdout
     assert "serve" in ds_serve("--help").stdout
+
+
+def _http_response(sock: socket.socket) -> bytes:
+    """One whole HTTP/1.1 response (headers, then Content-Length bytes of body); b"" on EOF."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")).split(b":")[1]
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head
+
+
+def test_idle_keep_alive_connections_stay_open_for_keep_alive_s(servers, start_server):
+    # An idle connection closes only after server.keep_alive_s (default 65 s: above httpx's and the
+    # OpenAI SDK's own 5 s idle expiry, so the server never closes one as a client reuses it).
+    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    for server, idle_s, still_open in (
+        (start_server("--keep-alive", "0.5"), 1.0, False),
+        (servers["main"], 5.5, True),  # past uvicorn's own default of 5 s
+    ):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(request)
+            assert _http_response(sock).startswith(b"HTTP/1.1 200")
+            time.sleep(idle_s)
+            if still_open:
+                sock.sendall(request)
+                assert _http_response(sock).startswith(b"HTTP/1.1 200")
+            else:
+                sock.settimeout(1.0)  # closed by now, not at some later default
+                assert sock.recv(65536) == b""

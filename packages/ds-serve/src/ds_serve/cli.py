@@ -8,7 +8,7 @@ Settings come from the defaults, then --config YAML, then the flags given, then 
 wins). The YAML file and the keys mirror the config dataclasses: top-level `model`, `onnx`, `host`,
 `port`, `threads`; `scheduler.*` (SchedulerConfig: max_batch, max_len, token_budget, max_queue,
 batching, batch_wait_s, request_timeout_s, step_tokens, prefill, cuda_graph); `server.*`
-(ServerConfig: model_name, api_key, default_max_tokens, drain_s). Exit codes: 0 ok, 1 failed, 2 bad input (one line on stderr).
+(ServerConfig: model_name, api_key, default_max_tokens, drain_s, keep_alive_s). Exit codes: 0 ok, 1 failed, 2 bad input (one line on stderr).
 
 SIGTERM / Ctrl-C: the server stops admitting (new requests get 503), running requests finish for up
 to `server.drain_s` seconds, whatever is left fails cleanly with a 503 error body, then it exits 0.
@@ -56,6 +56,8 @@ SETTINGS: list[tuple[str, str, type, str]] = [
     ("server.api_key", "--api-key", str, "require 'Authorization: Bearer KEY'"),
     ("server.default_max_tokens", "--default-max-tokens", int, "max_tokens when a request has none"),
     ("server.drain_s", "--drain", float, "on shutdown, seconds running requests may finish"),
+    ("server.keep_alive_s", "--keep-alive", float,
+     "seconds an idle keep-alive connection stays open (keep it above clients' own idle expiry)"),
 ]  # fmt: skip
 CHOICES = {"scheduler.batching": ("continuous", "fixed"), "scheduler.prefill": ("auto", "mixed", "separate")}
 TOP_DEFAULTS: dict[str, Any] = {
@@ -227,7 +229,8 @@ def serve(settings: dict[str, Any]) -> int:
             super().handle_exit(sig, frame)
 
     server = Server(uvicorn.Config(app, host=settings["host"], port=settings["port"], log_level="warning",
-                                   timeout_graceful_shutdown=server_config.drain_s))  # fmt: skip
+                                   timeout_graceful_shutdown=server_config.drain_s,
+                                   timeout_keep_alive=server_config.keep_alive_s))  # fmt: skip
     # uvicorn re-raises the signal it caught once it has shut down; exiting through it means "done".
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_ok)

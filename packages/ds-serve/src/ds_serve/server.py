@@ -43,6 +43,10 @@ class ServerConfig:
     api_key: str | None = None
     default_max_tokens: int = 16
     drain_s: float = 30.0  # on shutdown, how long running requests may finish
+    # How long an idle keep-alive connection stays open. Above the idle expiry of common clients
+    # (httpx and the OpenAI SDK drop theirs after 5 s): at uvicorn's own 5 s the server can close
+    # a connection just as a client sends a request on it, which the client sees as a ReadError.
+    keep_alive_s: float = 65.0
 
 
 def chat_prompt(messages: list[dict]) -> str:
