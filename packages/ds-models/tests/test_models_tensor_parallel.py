@@ -41,6 +41,9 @@ WORKER = textwrap.dedent(
     res["local"] = (attn.n_heads, attn.n_kv_heads, tuple(attn.q_proj.weight.to_local().shape),
                     tuple(model.layers[0].mlp.down_proj.weight.to_local().shape))
     res["dtensor"] = isinstance(attn.q_proj.weight, DTensor)
+    from ds_models.checkpoint import _local_part  # the part of each stored weight a rank reads
+    res["read"] = {n: _local_part(w)[1] for n, w in (("q", attn.q_proj.weight), ("o", attn.o_proj.weight),
+                                                     ("norm", model.norm.weight))}
     with torch.no_grad():
         res["logits"] = model(torch.tensor([PROMPTS[0]]))
     res["greedy"] = generate_parallel(model, PROMPTS, 12)
@@ -110,10 +113,15 @@ def tp_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_shards_hold_local_heads(tp_run):
-    _, res, _ = tp_run
+    _, res, other = tp_run
     assert res["dtensor"]
     # ds-tiny: 4 query heads, 2 kv heads, head_dim 16, d_ff 160 -> per rank 2 / 1 heads, 80 neurons.
     assert res["local"] == (2, 1, (32, 64), (64, 80))
+    # load_parallel reads each rank's rows of q (colwise), columns of o (rowwise), and all of a
+    # replicated norm
+    whole = slice(None)
+    assert res["read"] == {"q": (slice(0, 32), whole), "o": (whole, slice(0, 32)), "norm": None}
+    assert other["read"] == {"q": (slice(32, 64), whole), "o": (whole, slice(32, 64)), "norm": None}
 
 
 @pytest.mark.slow

@@ -240,8 +240,13 @@ def weight_files(directory: Path) -> dict[str, list[str]]:
     raise ModelError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}")
 
 
-def iter_safetensors(directory: Path, device: str = "cpu") -> Iterator[tuple[str, str, torch.Tensor]]:
-    """Yield (file, tensor name, tensor) over the directory's weight files, with file-naming errors."""
+def iter_safetensors(
+    directory: Path, device: str = "cpu", *, lazy: bool = False
+) -> Iterator[tuple[str, str, Any]]:
+    """Yield (file, tensor name, tensor) over the directory's weight files, with file-naming errors.
+
+    lazy: yield safetensors' slice handle instead of the tensor (``.get_shape()``, ``.get_dtype()``,
+    ``[index]`` reads only the indexed part); valid until the next item is requested."""
     for file, promised in weight_files(directory).items():
         path = directory / file
         try:
@@ -251,7 +256,7 @@ def iter_safetensors(directory: Path, device: str = "cpu") -> Iterator[tuple[str
                 if missing:
                     raise ModelError(f"{path}: {missing[0]}: missing (listed in {INDEX_FILE})")
                 for key in keys:
-                    yield file, key, f.get_tensor(key)
+                    yield file, key, f.get_slice(key) if lazy else f.get_tensor(key)
         except SafetensorError as e:
             raise ModelError(f"{path}: corrupt or not a safetensors file ({e})") from None
         except (OSError, ValueError) as e:
@@ -317,6 +322,24 @@ def _stored_dtype(directory: Path) -> torch.dtype:
     return torch.float32
 
 
+def read_config(directory: str | os.PathLike[str]) -> ModelConfig:
+    """The ModelConfig of a model directory (errors name the directory or file)."""
+    path = Path(directory)
+    if not path.exists():
+        raise ModelError(f"{directory}: no such model directory")
+    if not path.is_dir():
+        raise ModelError(f"{path}: not a directory")
+    config_path = path / CONFIG_FILE
+    if not config_path.exists():
+        raise ModelError(f"{config_path}: missing")
+    return ModelConfig.from_yaml(config_path)
+
+
+def stored_dtype(directory: str | os.PathLike[str]) -> torch.dtype:
+    """The floating dtype a model directory's weights were saved in."""
+    return _stored_dtype(Path(directory))
+
+
 def load_pretrained(
     name_or_dir: str | os.PathLike[str],
     *,
@@ -325,43 +348,49 @@ def load_pretrained(
 ) -> Transformer:
     """A model directory, or a registry name (randomly initialised, seeded by the caller)."""
     path = Path(name_or_dir)
+    if not path.exists() and str(name_or_dir) in REGISTRY:
+        return _build(ModelConfig.from_name(str(name_or_dir)), device, dtype, init=True).eval()
     if not path.exists():
-        if str(name_or_dir) in REGISTRY:
-            return _build(ModelConfig.from_name(str(name_or_dir)), device, dtype, init=True).eval()
         raise ModelError(f"{name_or_dir}: no such model directory or registry name ({', '.join(REGISTRY)})")
-    if not path.is_dir():
-        raise ModelError(f"{path}: not a directory")
-    config_path = path / CONFIG_FILE
-    if not config_path.exists():
-        raise ModelError(f"{config_path}: missing")
-    config = ModelConfig.from_yaml(config_path)
-    if dtype is None:
-        dtype = _stored_dtype(path)
-    model = _build(config, device, dtype, init=False)
-    expected = {k: v for k, v in model.state_dict().items()}
-    if config.tie_embeddings:
+    config = read_config(path)
+    model = _build(config, device, dtype or _stored_dtype(path), init=False)
+    return load_weights(model, path).eval()
+
+
+def load_weights(model: Transformer, directory: str | os.PathLike[str]) -> Transformer:
+    """Copy a model directory's weights into `model` (built from its config.yaml) and return it.
+
+    Every tensor is checked (known name, shape, kind of dtype, no duplicates, nothing missing but
+    ds-core's sparse state). A parameter sharded over a device mesh (a DTensor, see
+    ds_models.parallel) receives only this rank's part, read from the file by slice, so no rank
+    reads the whole of a sharded weight.
+    """
+    path = Path(directory)
+    config_name = CONFIG_FILE
+    expected = dict(model.state_dict())
+    if model.config.tie_embeddings:
         expected.pop("lm_head.weight", None)
     allowed_missing = _allowed_missing(model)
     seen: dict[str, str] = {}
     with torch.no_grad():
-        for file, name, tensor in iter_safetensors(path):
+        for file, name, stored in iter_safetensors(path, lazy=True):
             where = path / file
             if name in seen:
                 raise ModelError(f"{where}: {name}: also in {seen[name]}")
             seen[name] = file
             if name not in expected:
-                raise ModelError(f"{where}: {name}: unexpected tensor (not in a {config_path.name} model)")
+                raise ModelError(f"{where}: {name}: unexpected tensor (not in a {config_name} model)")
             target = expected[name]
-            if tuple(tensor.shape) != tuple(target.shape):
+            shape = tuple(stored.get_shape())
+            if shape != tuple(target.shape):
                 raise ModelError(
-                    f"{where}: {name}: shape {tuple(tensor.shape)} does not match the config's "
-                    f"{tuple(target.shape)}"
+                    f"{where}: {name}: shape {shape} does not match the config's {tuple(target.shape)}"
                 )
-            if tensor.dtype.is_floating_point != target.dtype.is_floating_point:
-                raise ModelError(
-                    f"{where}: {name}: dtype {tensor.dtype}, expected a {target.dtype}-like tensor"
-                )
-            target.copy_(tensor)
+            code = stored.get_dtype()
+            if (code.startswith("F") or code == "BF16") != target.dtype.is_floating_point:
+                raise ModelError(f"{where}: {name}: dtype {code}, expected a {target.dtype}-like tensor")
+            local, index = _local_part(target)
+            local.copy_(stored[index if index is not None else ...])
     missing = sorted(set(expected) - set(seen) - allowed_missing)
     if missing:
         raise ModelError(
@@ -372,4 +401,25 @@ def load_pretrained(
         # weights in its load hook: run load_state_dict over what is now in place to trigger it.
         present = {k: v for k, v in model.state_dict().items() if k in seen}
         model.load_state_dict(present, strict=False)
-    return model.eval()
+    return model
+
+
+def _local_part(target: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...] | None]:
+    """(the tensor to copy into, the index of its part of the stored tensor; None = all of it).
+
+    A DTensor sharded on a 1-D mesh holds torch.chunk's part of its sharded dimension: chunks of
+    ceil(n / size), rank r from r * chunk."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(target, DTensor):
+        return target, None
+    local = target.to_local()
+    placement = target.placements[0]
+    if len(target.placements) != 1 or not isinstance(placement, Shard):
+        return local, None  # replicated: every rank holds the whole tensor
+    dim, n = placement.dim, target.shape[placement.dim]
+    chunk = -(-n // target.device_mesh.size())
+    start = min(target.device_mesh.get_local_rank() * chunk, n)
+    index = [slice(None)] * target.dim()
+    index[dim] = slice(start, start + local.shape[dim])
+    return local, tuple(index)

@@ -11,7 +11,8 @@ of ds-67b in bf16) and cost one more all-reduce per step. A tied lm_head stays r
 
 Large models are never materialised whole: `build_parallel` builds on the meta device, shards, then
 allocates only each rank's shards (`to_empty`) and runs the registry init on them. `load_parallel`
-shards a model directory read on the CPU (each rank reads the whole checkpoint: small models, tests).
+builds the same way and fills the shards from a model directory, each rank reading only its own
+slices of the sharded weights (safetensors reads by slice) plus the replicated tensors.
 
 Decoding (`ParallelDecoder`, `generate_parallel`) reuses the model's own `hidden` with a KVCache of
 the rank's local kv heads; generate()'s graph modes fuse q/k/v into one buffer, which does not apply
@@ -34,6 +35,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from ds_models import KVCache, ModelConfig, ModelError, Transformer, sample
+from ds_models.checkpoint import load_weights, read_config, stored_dtype
 from ds_models.generate import check_arguments, left_pad
 from ds_models.model import Attention
 
@@ -160,10 +162,17 @@ def load_parallel(
     *,
     dtype: torch.dtype | None = None,
 ) -> Transformer:
-    """A model directory read on the CPU by every rank, then sharded onto this rank's device."""
-    model = Transformer.from_pretrained(directory, device="cpu", dtype=dtype)
-    check_tp_size(model.config, mesh.size())
-    return tensor_parallel(model, mesh).eval()
+    """A model directory, sharded: each rank allocates its shards and reads only those (by slice)
+    from the weight files, plus the replicated tensors. dtype: default, the stored one."""
+    config = read_config(directory)
+    check_tp_size(config, mesh.size())
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to(dtype or stored_dtype(directory))
+    tensor_parallel(model, mesh)
+    model.to_empty(device=mesh_device(mesh))
+    _retie(model)  # to_empty gives each module its own new Parameter
+    return load_weights(model, directory).eval()
 
 
 def local_weight_bytes(model: nn.Module) -> int:
