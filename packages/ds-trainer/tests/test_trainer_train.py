@@ -132,3 +132,16 @@ def test_in_memory_model_resumes_the_checkpoint_weights(tiny_config):
     b = Transformer.from_pretrained(resumed.model_dir).state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_in_memory_model_that_does_not_fit_the_checkpoint_is_a_clear_error(tiny_config):
+    from ds_models import ModelConfig
+
+    torch.manual_seed(0)
+    rows = [{"input_ids": torch.randint(0, 64, (17,))} for _ in range(32)]
+    cfg = TrainConfig.from_dict(tiny_config).replace(**{"data.seq_len": 16, "schedule.steps": 6})
+    mc = ModelConfig.from_name("ds-tiny", vocab_size=64)
+    DistributedTrainer(cfg, model=Transformer(mc), train_dataset=rows, stop_after_steps=3).train()
+    wider = Transformer(ModelConfig.from_name("ds-tiny", vocab_size=64, d_ff=96))
+    with pytest.raises(TrainerError, match=r"do not fit the given model: .*step_00000003.*shape"):
+        DistributedTrainer(cfg, model=wider, train_dataset=rows).train()

@@ -103,16 +103,13 @@ class LMWorkload:
         if self.given_model is not None:
             model, self.parent = self.given_model, "given in-memory model"
             if resume_model is not None:  # continue from the checkpoint's weights, not the given ones
-                from ds_models import Transformer
+                from ds_models import ModelError
+                from ds_models.checkpoint import load_weights
 
-                saved = Transformer.from_pretrained(resume_model, dtype=torch.float32).state_dict()
-                try:
-                    model.load_state_dict(saved)
-                except RuntimeError as e:
-                    raise TrainerError(
-                        f"{resume_model}: the checkpoint's weights do not fit the given model ({str(e).splitlines()[0]})"
-                    ) from None
-                del saved
+                try:  # tensor by tensor into the given model: no second copy of the weights
+                    load_weights(model, resume_model)
+                except ModelError as e:
+                    raise TrainerError(f"the checkpoint's weights do not fit the given model: {e}") from None
         else:
             model, self.parent = load_model(cfg.model, resume_model)
         self.model_config = model.config
