@@ -38,6 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ds_core.config import SparsityConfig
 from ds_core.kernels import triton_attention as ta
+from ds_core.kernels import triton_rank as tr
 from ds_core.kernels.reference_attention import (
     block_counts,
     block_scores,
@@ -249,7 +250,7 @@ def mha_bench(results: dict, reps: int, n_layers: int = 8) -> str:
         ta.DECODE_TUNING.update(knobs)
 
         def rank(i):
-            return ta.rank_decode(
+            return tr.rank_decode(
                 q, layers[i][0], layers[i][1], scores[i], count, block_size=bs, q_start=S - 1
             )
 

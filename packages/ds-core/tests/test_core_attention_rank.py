@@ -1,4 +1,4 @@
-"""The rank-select decode kernel (``triton_attention.rank_decode``) against the PyTorch reference.
+"""The rank-select decode kernel (``triton_rank.rank_decode``) against the PyTorch reference.
 
 Each program ranks its own slice of key blocks against the whole row of block scores and attends
 to those of rank < count. The GPU tests at the bottom run the compiled kernels at the issue-3 and
@@ -22,6 +22,7 @@ from ds_core.kernels.reference_attention import (
 )
 
 ta = pytest.importorskip("ds_core.kernels.triton_attention")
+tr = pytest.importorskip("ds_core.kernels.triton_rank")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -34,10 +35,12 @@ def _triton_runs(needs_triton):
 
 
 @pytest.fixture
-def tuning(monkeypatch):
-    """Set decode knobs for one test (restored afterwards)."""
-    monkeypatch.setattr(ta, "DECODE_TUNING", dict(ta.DECODE_TUNING))
-    return ta.DECODE_TUNING
+def tuning():
+    """Set decode knobs for one test (the shared dict is mutated, then restored)."""
+    saved = dict(ta.DECODE_TUNING)
+    yield ta.DECODE_TUNING
+    ta.DECODE_TUNING.clear()
+    ta.DECODE_TUNING.update(saved)
 
 
 def case(B, Hq, Hkv, S, D, dtype, seed, *, bs, frac, q_start=None, causal=True):
@@ -90,7 +93,7 @@ def test_rank_decode_selects_the_reference_top_k_and_attends_like_the_reference(
         B, Hq, Hkv, S, D, dtype, S, bs=bs, frac=frac, q_start=q_start, causal=causal
     )
     q_start = S - 1 if q_start is None else q_start
-    out, got = ta.rank_decode(
+    out, got = tr.rank_decode(
         q, k, v, scores.clone(), int(counts[0]), block_size=bs, q_start=q_start, causal=causal
     )
     assert torch.equal(got.sort(-1).values.long(), idx.long())  # the same set as the reference top-k
@@ -111,7 +114,7 @@ def test_rank_selection_breaks_ties_towards_the_lower_block(tuning, W):
     scores[..., 0] = float("inf")
     scores[..., n - 2 :] = float("inf")
     for count in (3, 7, 20):
-        got = ta.rank_decode(q, k, v, scores, count, block_size=bs, q_start=S - 1)[1]
+        got = tr.rank_decode(q, k, v, scores, count, block_size=bs, q_start=S - 1)[1]
         assert torch.equal(got.sort(-1).values, ta.select_top_blocks(scores, count))
 
 
@@ -172,7 +175,7 @@ def test_gpu_decode_at_long_context_selects_and_attends_like_the_reference(S, Hk
     geo = dict(block_size=64, q_start=S - 1, n_blocks=n, causal=True, sink_blocks=1, local_blocks=2)
     idx = select_blocks(block_scores(q, pooled, **geo), counts)
     sc = ta.decode_block_scores(q, pooled, **geo)
-    out, got = ta.rank_decode(q, k, v, sc, int(counts[0]), block_size=64, q_start=S - 1)
+    out, got = tr.rank_decode(q, k, v, sc, int(counts[0]), block_size=64, q_start=S - 1)
     assert torch.equal(got.sort(-1).values.long(), idx.long())
     ref = reference_sparse_attention(q, k, v, idx, counts, block_size=64, q_start=S - 1)
     assert rel(out, ref) < 1e-2
