@@ -43,6 +43,24 @@ def tuning():
     ta.DECODE_TUNING.update(saved)
 
 
+def rows_alone(q, k, v, cfg, starts, length, pooled=None):
+    """The torch path on each row alone, sliced to its valid keys [start, length): the reference
+    of a device-length decode over left-padded rows."""
+    return torch.cat(
+        [
+            sparse_attention(
+                q[b : b + 1],
+                k[b : b + 1, :, s:length],
+                v[b : b + 1, :, s:length],
+                sparsity=cfg,
+                pooled_k=None if pooled is None else pooled[b : b + 1],
+                backend="torch",
+            )
+            for b, s in enumerate(starts)
+        ]
+    )
+
+
 def case(B, Hq, Hkv, S, D, dtype, seed, *, bs, frac, q_start=None, causal=True):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (
@@ -138,18 +156,7 @@ def test_device_length_rank_path_with_many_programs_per_row(tuning, knobs):
             q, k, v, sparsity=cfg, kv_length=torch.tensor([length], device=DEVICE),
             kv_start=torch.tensor(starts, device=DEVICE), pooled_k=pooled, backend="triton",
         )  # fmt: skip
-        want = torch.cat(
-            [
-                sparse_attention(
-                    q[b : b + 1],
-                    k[b : b + 1, :, s:length],
-                    v[b : b + 1, :, s:length],
-                    sparsity=cfg,
-                    backend="torch",
-                )
-                for b, s in enumerate(starts)
-            ]
-        )
+        want = rows_alone(q, k, v, cfg, starts, length)
         assert rel(out, want) < 1e-4, length
 
 
@@ -216,19 +223,7 @@ def test_gpu_graph_replays_the_rank_path_at_every_length(tuning, G, path):
         n.fill_(length)
         for _ in range(2):  # twice: the tickets must be reset by the kernel itself
             graph.replay()
-        want = torch.cat(
-            [
-                sparse_attention(
-                    q[b : b + 1],
-                    k[b : b + 1, :, s:length],
-                    v[b : b + 1, :, s:length],
-                    sparsity=cfg,
-                    pooled_k=pooled[b : b + 1],  # the same bf16 cache: the same selection
-                    backend="torch",
-                )
-                for b, s in enumerate([0, 100])
-            ]
-        )
+        want = rows_alone(q, k, v, cfg, [0, 100], length, pooled)  # the same bf16 pooled cache
         assert rel(out, want) < 1e-2, length
 
 

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ds_core.config import DsCoreError
 from ds_core.kernels.reference_attention import block_scores, pool_keys, select_blocks
-from ds_core.kernels.triton_common import DECODE_TUNING, _group_query, _ticket_buffer
+from ds_core.kernels.triton_common import DECODE_TUNING, _group_query, _row_keys, _ticket_buffer
 from ds_core.kernels.triton_common import num_sms as _num_sms
 from ds_core.kernels.triton_common import precision as _precision
 from ds_core.kernels.triton_prefill import block_sparse_prefill
@@ -363,10 +363,7 @@ def _decode_attn_kernel(
     b = row // Hkv
     h = row % Hkv
     if DYN:  # row b holds its keys in slots [start, length) (device values); see the scores kernel
-        st = tl.load(START + b).to(tl.int64)
-        S = tl.load(LEN + b * s_len).to(tl.int64) - st  # valid keys, row-relative
-        qpos = S - 1
-        count = tl.load(TABLE + (S - 1) // BS + 1).to(tl.int32)
+        st, S, qpos, count = _row_keys(START, LEN, s_len, TABLE, b, BS)
         K += st * s_ks
         V += st * s_vs
     g = tl.arange(0, G_PAD)

@@ -61,3 +61,13 @@ def _group_query(
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     return q, m_i, l_i, acc
+
+
+@triton.jit
+def _row_keys(START, LEN, s_len, TABLE, b, BS: tl.constexpr):
+    """Device-length decode: row b's keys are slots [start, length) (device values). Returns
+    (start, valid keys, the query's row-relative position, kept blocks from the count table)."""
+    st = tl.load(START + b).to(tl.int64)
+    n = tl.load(LEN + b * s_len).to(tl.int64) - st
+    count = tl.load(TABLE + (n - 1) // BS + 1).to(tl.int32)
+    return st, n, n - 1, count

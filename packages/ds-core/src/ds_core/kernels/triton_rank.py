@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ds_core.kernels.triton_common import DECODE_TUNING, _group_query, _ticket_buffer
+from ds_core.kernels.triton_common import DECODE_TUNING, _group_query, _row_keys, _ticket_buffer
 from ds_core.kernels.triton_common import precision as _precision
 
 
@@ -140,10 +140,7 @@ def _decode_rank_kernel(
     b = row // Hkv
     h = row % Hkv
     if DYN:  # row b holds its keys in slots [start, length) (device values); see the scores kernel
-        st = tl.load(START + b).to(tl.int64)
-        S = tl.load(LEN + b * s_len).to(tl.int64) - st  # valid keys, row-relative
-        qpos = S - 1
-        count = tl.load(TABLE + (S - 1) // BS + 1).to(tl.int32)
+        st, S, qpos, count = _row_keys(START, LEN, s_len, TABLE, b, BS)
         K += st * s_ks
         V += st * s_vs
     jw = split * W + tl.arange(0, W)
