@@ -137,7 +137,7 @@ def split(records: list[dict]) -> tuple[list[dict], int]:
 
 def new_client(connections: int) -> httpx.AsyncClient:
     # idle connections expire on the client first (the server keeps them server.keep_alive_s):
-    # the H100 run's two ReadErrors came from uvicorn's old 5 s, equal to httpx's default expiry
+    # the H100 run's two ReadErrors most likely came from uvicorn's old 5 s, equal to httpx's expiry
     limits = httpx.Limits(max_connections=connections, keepalive_expiry=2.0)
     return httpx.AsyncClient(timeout=3600, limits=limits)
 
