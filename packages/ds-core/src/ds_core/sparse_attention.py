@@ -184,18 +184,13 @@ def dense_decode_attention(
             )
         if t.dtype != q.dtype or t.device != q.device:
             raise DsCoreError(f"{name}: expected {q.dtype} on {q.device} like q, got {t.dtype} on {t.device}")
-    for name, t in (("kv_length", kv_length), ("kv_start", kv_start)):
-        if t is None and name == "kv_start":
-            continue
-        if not isinstance(t, Tensor) or t.dtype.is_floating_point or t.dtype == torch.bool:
-            got = t.dtype if isinstance(t, Tensor) else type(t).__name__
-            raise DsCoreError(f"{name}: expected an integer torch.Tensor, got {got}")
-        if t.dim() > 1 or t.numel() not in (1, B) or t.device != q.device:
-            raise DsCoreError(
-                f"{name}: expected shape (), (1,) or ({B},) on {q.device}, got {tuple(t.shape)} on {t.device}"
-            )
-    length = kv_length.reshape(-1).expand(B)
-    start = torch.zeros_like(length) if kv_start is None else kv_start.reshape(-1).expand(B)
+    start, length = _check_lengths(q, k, kv_length, kv_start, None)  # (B,) each, as sparse_attention
+    return _dense_decode(q, k, v, start, length, backend)
+
+
+def _dense_decode(q: Tensor, k: Tensor, v: Tensor, start: Tensor, length: Tensor, backend: str) -> Tensor:
+    """dense_decode_attention on checked inputs; start, length (B,) int tensors."""
+    Hq, D = q.shape[1], q.shape[3]
     if torch.compiler.is_compiling():  # the backend switch reads the environment: go by the device
         name = "triton" if q.is_cuda else "torch"
     else:
@@ -234,7 +229,7 @@ def _dynamic_decode(
         backends.resolve(backend, q.device)
         if isinstance(pooled_k, Tensor) and pooled_k.dim() == 4 and pooled_k.shape[2] >= S // bs:
             refresh_last_pooled_block(k, pooled_k, bs, start, length)  # the cache stays exact
-        return dense_decode_attention(q, k, v, length, start, backend=backend)
+        return _dense_decode(q, k, v, start, length, backend)
     if pooled_k is None:  # no cache kept by the caller: pool every valid block (reads all of K)
         pooled_k = pool_keys_from(k, bs, start, length, n_blocks).to(k.dtype)
     else:
