@@ -129,10 +129,17 @@ def test_gpu_captured_graph_follows_the_length_on_device(S):
 def test_bad_shapes_raise():
     q, k, v = make(1, 4, 2, 16, 8, torch.float32)
     with pytest.raises(DsCoreError, match="one query token"):
-        dense_decode_attention(q.expand(1, 4, 2, 8), k, v, torch.tensor(3))
+        dense_decode_attention(q.expand(1, 4, 2, 8), k, v, torch.tensor(3, device=DEVICE))
     with pytest.raises(DsCoreError, match="kv_length: expected an integer"):
-        dense_decode_attention(q, k, v, torch.tensor(3.0))
+        dense_decode_attention(q, k, v, torch.tensor(3.0, device=DEVICE))
     with pytest.raises(DsCoreError, match="kv_start: expected shape"):
-        dense_decode_attention(q, k, v, torch.tensor(3), torch.zeros(2, 2, dtype=torch.long))
+        dense_decode_attention(
+            q, k, v, torch.tensor(3, device=DEVICE), torch.zeros(2, 2, dtype=torch.long, device=DEVICE)
+        )
     with pytest.raises(DsCoreError, match="Hkv dividing"):
-        dense_decode_attention(q, k[:, :1].expand(1, 3, 16, 8), v[:, :1].expand(1, 3, 16, 8), torch.tensor(3))
+        dense_decode_attention(
+            q, k[:, :1].expand(1, 3, 16, 8), v[:, :1].expand(1, 3, 16, 8), torch.tensor(3, device=DEVICE)
+        )
+    if DEVICE == "cuda":
+        with pytest.raises(DsCoreError, match="kv_length: expected device cuda"):
+            dense_decode_attention(q, k, v, torch.tensor(3))
