@@ -38,6 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ds_core.config import SparsityConfig
 from ds_core.kernels import triton_attention as ta
+from ds_core.kernels import triton_coop as tc
 from ds_core.kernels import triton_rank as tr
 from ds_core.kernels.reference_attention import (
     block_counts,
@@ -184,14 +185,18 @@ def layered(op, layers: list, reps: int) -> dict:
     return {k: v / len(layers) if k.endswith("_us") else v for k, v in t.items()}
 
 
-# decode variants timed next to the default (name, DECODE_TUNING overrides); "ticket" is the
-# previous path: scores + a bisection top-k by the row's last program, then the split kernel
+# decode variants timed next to the default (name, DECODE_TUNING overrides). The default for GQA is
+# "coop" (one launch: scores, a per-row barrier, selection and attention, triton_coop.py);
+# "ticket" is the previous default: scores + a bisection top-k by the row's last program, then
+# the split attention kernel
 SWEEP = [
+    ("ticket", {"path": "ticket"}),
     ("rank", {"path": "rank"}),
-    ("rank_W32_CH2", {"path": "rank", "blocks_per_program": 32, "chunk_blocks": 2}),
-    ("rank_unchunked", {"path": "rank", "rank_chunk": 4096}),
-    ("ticket_splits16", {"path": "ticket", "splits": 16}),
+    ("coop_p8", {"path": "coop", "coop_programs": 8}),
+    ("coop_plain_launch", {"path": "coop", "coop_launch": False}),
 ]
+# variants also timed per layer of the n_layers-layer graph (the decoder's setting)
+LAYERED_SWEEP = [("ticket", {"path": "ticket"})]
 
 
 def graph_rel(op, ref) -> dict:
@@ -260,18 +265,68 @@ def mha_bench(results: dict, reps: int, n_layers: int = 8) -> str:
             entry["TBs"] = kept_bytes / entry["us"] / 1e6
         row[f"rank[{name}]"] = entry
         print(name, json.dumps(entry), flush=True)
+    for name, knobs in MHA_COOP:  # scores, selection and attention in one launch
+        ta.DECODE_TUNING.update(saved)
+        ta.DECODE_TUNING.update(knobs)
+        entry = {}
+        guarded(
+            entry,
+            "us",
+            partial(
+                per_layer,
+                lambda i: tc.coop_decode(q, layers[i][0], layers[i][1], layers[i][2], count, **geo),
+            ),
+        )
+        if isinstance(entry["us"], float):
+            entry["TBs"] = kept_bytes / entry["us"] / 1e6
+        row[f"coop[{name}]"] = entry
+        print("coop", name, json.dumps(entry), flush=True)
     ta.DECODE_TUNING.update(saved)
     return "done"
 
 
+MHA_COOP = [
+    ("default", {"path": "coop"}),
+    ("st3", {"path": "coop", "num_stages": 3}),
+]
+
 MHA_SWEEP = [
     ("default", {}),
-    ("W8_CH1_st2", {"blocks_per_program": 8, "chunk_blocks": 1, "num_stages": 2}),
     ("W8_CH2_st2", {"blocks_per_program": 8, "chunk_blocks": 2, "num_stages": 2}),
-    ("W4_CH1_st3", {"blocks_per_program": 4, "chunk_blocks": 1, "num_stages": 3}),
-    ("W16_CH1_st3", {"blocks_per_program": 16, "chunk_blocks": 1, "num_stages": 3}),
-    ("W4_cuda_cores", {"dot": False}),
 ]
+
+
+def trace_coop(q, k, v, pooled, count: int, bs: int, reps: int = 5) -> dict:
+    """Phase times (us from the launch's first program start) of one coop_decode launch, from the
+    %globaltimer stamps each program writes: start, scored, past the barrier, selected,
+    attended, done. L2 flushed before each of ``reps`` launches; medians over launches of the
+    median and the last program of each phase."""
+    from timing import FLUSH_BYTES, _flush
+
+    dev = q.device
+    if dev not in _flush:
+        _flush[dev] = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=dev)
+    flush = _flush[dev]
+    S = k.shape[2]
+    n = -(-S // bs)
+    geo = dict(block_size=bs, q_start=S - 1, n_blocks=n, causal=True, sink_blocks=1, local_blocks=2)
+    rows = k.shape[0] * k.shape[1]
+    P = tc.coop_programs(rows, n, dev)
+    names = ["start", "scored", "barrier", "selected", "attended", "done"]
+    runs: dict = {f"{a}_{b}": [] for a in names for b in ("median", "last")}
+    for _ in range(reps + 1):
+        tr = torch.zeros(rows, P, 8, dtype=torch.int64, device=dev)
+        flush.zero_()
+        tc.coop_decode(q, k, v, pooled, count, **geo, trace=tr)
+        torch.cuda.synchronize()
+        t = tr[..., :6].reshape(-1, 6).double()
+        t = (t - t[:, 0].min()) / 1e3
+        for i, a in enumerate(names):
+            runs[f"{a}_median"].append(t[:, i].median().item())
+            runs[f"{a}_last"].append(t[:, i].max().item())
+    out = {name: sorted(vals[1:])[len(vals[1:]) // 2] for name, vals in runs.items()}  # first run warms up
+    out["programs_per_row"] = P
+    return out
 
 
 def decode_bench(results: dict, contexts: list[int], keep_keys: int, reps: int, n_layers: int) -> str:
@@ -359,6 +414,15 @@ def decode_bench(results: dict, contexts: list[int], keep_keys: int, reps: int, 
                 guarded(entry, f"rel[{name}]", partial(graph_rel, op, ref))
             ta.DECODE_TUNING.update(saved)
             if bs == 64:
+                for name, knobs in (("coop", {"path": "coop"}),):
+                    ta.DECODE_TUNING.update(saved)
+                    ta.DECODE_TUNING.update(knobs)
+                    guarded(entry, f"trace[{name}]", partial(trace_coop, q, k, v, pooled, n_keep, bs))
+                ta.DECODE_TUNING.update(saved)
+                print(
+                    json.dumps({key: val for key, val in entry.items() if key.startswith("trace")}),
+                    flush=True,
+                )
                 # the same op recomputing the pooled keys from the whole K cache each call
                 entry["op_no_pool_cache"] = time_graph(partial(sparse_attention, q, k, v, sparsity=cfg), reps)
             print(json.dumps(entry), flush=True)
@@ -387,6 +451,21 @@ def decode_bench(results: dict, contexts: list[int], keep_keys: int, reps: int, 
         }
         lay = row["layered"]
         lay["speedup"] = lay["sdpa_flash"]["median_us"] / lay["sparse_bs64"]["median_us"]
+        saved = dict(ta.DECODE_TUNING)
+        for name, knobs in LAYERED_SWEEP:
+            ta.DECODE_TUNING.update(saved)
+            ta.DECODE_TUNING.update(knobs)
+            guarded(
+                lay,
+                f"sparse_bs64[{name}]",
+                partial(
+                    layered,
+                    lambda kl, vl, pl, q=q, cfg=cfg: sparse_attention(q, kl, vl, sparsity=cfg, pooled_k=pl),
+                    caches,
+                    max(20, reps // 10),
+                ),
+            )
+        ta.DECODE_TUNING.update(saved)
         print(json.dumps(lay), flush=True)
         del caches
     return "done"

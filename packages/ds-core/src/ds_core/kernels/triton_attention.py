@@ -1,37 +1,39 @@
 """Triton kernels for adaptive block-sparse attention (semantics: ``reference_attention.py``).
 
-Decode (one query token over a KV cache of S keys) is memory bound and short; two launches:
+Decode (one query token over a KV cache of S keys) is memory bound and short. Three paths, one
+per kind of row (``DECODE_TUNING["path"]`` forces one):
 
-1. ``_decode_scores_kernel``: block scores ``sum_g q_g . pooled_k[j]`` for every key block of
-   every GQA group, sinks and local window forced to +inf; reads only the pooled-key cache
-   (S / bs rows), in parallel over blocks. The row's last program to finish (an atomic ticket)
-   then selects the exact top-``count`` by bisection on order-preserving integer keys (ties to
-   the lower block), written as an ascending list of block indices (``_select_row``; also a
-   launch of its own, ``_select_kernel``).
-2. ``_decode_attn_kernel``: flash-decoding split over the kept blocks; all query heads of the
-   group are the M side of the dot, so each kept K/V block is read once per group, not once per
-   head. Each program publishes a partial (max, sum, numerator); the row's last program to
-   finish (an atomic ticket) merges them, so there is no third launch.
+- GQA (several query heads per KV head, few blocks kept per row): the "coop" path,
+  ``triton_coop.py``. One launch: P programs per row score their share of the blocks, meet at
+  the row's barrier, each finds the row's exact top-``count`` and attends to its share.
+- MHA (one query head per KV head, most blocks kept): the "rank" path, ``triton_rank.py``. The
+  scores kernel only scores, and each attention program owns a slice of W key blocks, ranks
+  them against the row's scores (rank = #higher + #equal with a lower index; kept iff
+  rank < count, exactly the top-k) and attends to its kept ones.
+- The "ticket" path of this file (the GQA default until session 5), two launches:
 
-That is the "ticket" path, the default for GQA. MHA (one query head per KV head, most blocks
-kept) takes the "rank" path instead (``triton_rank.py``): the scores kernel only scores, and each
-attention program owns a slice of W key blocks, ranks them against the row's scores (rank =
-#higher + #equal with a lower index; kept iff rank < count, exactly the top-k) and attends to
-its kept ones, so no single program per row bisects while the GPU waits (~8 us per layer for
-ds-7b's 32 rows). ``DECODE_TUNING`` holds the knobs the benchmarks sweep. Variants measured and
-removed (docs/benchmarks/ds-core.md has the numbers): scoring inside the rank launch behind a
-per-row spin barrier (one launch; slower for GQA, whose in-register ranking is latency bound),
-programmatic dependent launch between the kernels (small, mixed), the ticket kernel's index slice
-preloaded into registers (slower), the rank kernel attending through a stored list (+2%, never
-checked on a GPU), and a %globaltimer trace of the kernel phases.
+  1. ``_decode_scores_kernel``: block scores ``sum_g q_g . pooled_k[j]`` for every key block of
+     every GQA group (``_score_blocks``), sinks and local window forced to +inf; reads only the
+     pooled-key cache (S / bs rows), in parallel over blocks. The row's last program to finish
+     (an atomic ticket) then selects the exact top-``count`` (``_top_keep``: bisection on
+     order-preserving integer keys, ties to the lower block), written as an ascending list of
+     block indices (``_select_row``; also a launch of its own, ``_select_kernel``).
+  2. ``_decode_attn_kernel``: flash-decoding split over the kept blocks; all query heads of the
+     group are the M side of the dot, so each kept K/V block is read once per group, not once
+     per head. Each program publishes a partial (max, sum, numerator); the row's last program
+     to finish (an atomic ticket) merges them, so there is no third launch.
 
-A single fused kernel (each program scoring and selecting its row itself) was measured slower
-on H100 (docs/benchmarks/ds-core.md): the per-program walk over the pooled row is serial and
-latency bound, while step 1 spreads it over the whole GPU.
+Short rows of a device-length decode (a small cache) are scored, selected and attended by one
+program per row in the scores kernel (``ATTN``). Variants measured and removed
+(docs/benchmarks/ds-core.md has the numbers): programmatic dependent launch between the kernels
+(small, mixed), the ticket kernel's index slice preloaded into registers (slower), the rank
+kernel attending through a stored list, one fused program per row walking its whole pooled row
+(serial and latency bound), and, for the coop path, register-held tiles, a merge of all
+partials at once, a parallel merge behind a second barrier and a four-way bisection.
 
 Prefill is ``triton_prefill.py`` (flash attention over each query block's kept key blocks); its
 block scores and selection are small matrix ops done in PyTorch. ``sparse_attention_triton`` at
-the end of this file dispatches between the two.
+the end of this file dispatches between them.
 """
 
 from __future__ import annotations
@@ -45,9 +47,19 @@ from torch import Tensor
 
 from ds_core.config import DsCoreError
 from ds_core.kernels.reference_attention import block_scores, pool_keys, select_blocks
-from ds_core.kernels.triton_common import DECODE_TUNING, _group_query, _row_keys, _ticket_buffer
+from ds_core.kernels.triton_common import (
+    DECODE_TUNING,
+    _attend_blocks,
+    _group_query,
+    _merge_splits,
+    _row_keys,
+    _score_blocks,
+    _ticket_buffer,
+    _top_keep,
+)
 from ds_core.kernels.triton_common import num_sms as _num_sms
 from ds_core.kernels.triton_common import precision as _precision
+from ds_core.kernels.triton_coop import coop_decode, use_coop
 from ds_core.kernels.triton_prefill import block_sparse_prefill
 from ds_core.kernels.triton_rank import rank_decode, use_rank
 
@@ -78,39 +90,18 @@ def _decode_scores_kernel(
     row = tl.program_id(0)  # (batch, KV head): one GQA group
     b = row // Hkv
     h = row % Hkv
-    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
-    g = tl.arange(0, G_PAD)
-    q_ptr = Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :] * s_qd
-    qg = tl.load(q_ptr, mask=(g < G)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
-    qsum = tl.sum(qg, axis=0)  # (BLOCK_D,): the group's query, summed over its heads
-    p_ptr = P + b * s_pb + h * s_ph + j[:, None] * s_pn + d[None, :] * s_pd
-    pk = tl.load(p_ptr, mask=(j < n_pooled)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
-    score = tl.sum(pk * qsum[None, :], axis=1)  # (BLOCK_N,)
+    st = 0
+    n_valid = 0
     if DYN:
         # the valid keys of this row are slots [start, length), read on the device: the step can
         # be captured once and replayed at every length (blocks count from the row's first key)
-        st = tl.load(START + b).to(tl.int64)
-        n_valid = tl.load(LEN + b * s_len).to(tl.int64) - st
+        st, n_valid, _, count = _row_keys(START, LEN, s_len, TABLE, b, BS)
         qblock = (n_valid - 1) // BS
-        count = tl.load(TABLE + qblock + 1).to(tl.int32)
-        # the latest complete block: its mean joins the pooled-key cache here, so the cache stays
-        # exact as the length grows; the one program holding that block computes it from K
-        c = n_valid // BS - 1
-        if (c >= 0) & (c // BLOCK_N == tl.program_id(1)):
-            o = tl.arange(0, BS)
-            k_ptr = K + b * s_kb + h * s_kh + (st + c * BS + o)[:, None] * s_ks + d[None, :] * s_kd
-            kb = tl.load(k_ptr, mask=(d < D)[None, :], other=0.0).to(tl.float32)  # (BS, BLOCK_D)
-            mean = (tl.sum(kb, axis=0) / BS).to(P.dtype.element_ty)
-            tl.store(P + b * s_pb + h * s_ph + c * s_pn + d * s_pd, mean, mask=d < D)
-            score = tl.where(j == c, tl.sum(mean.to(tl.float32) * qsum, axis=0), score)
-    forced = (j < sink_blocks) | ((j <= qblock) & (j > qblock - local_blocks))
-    if CAUSAL:
-        visible = j <= qblock
-    else:
-        visible = j < n_blocks
-    score = tl.where(forced & visible, float("inf"), score)
-    score = tl.where(visible, score, float("-inf"))
+    j, score = _score_blocks(
+        Q, P, K, b, h, tl.program_id(1) * BLOCK_N, s_qb, s_qh, s_qd, s_pb, s_ph, s_pn, s_pd,
+        s_kb, s_kh, s_ks, s_kd, n_pooled, n_blocks, qblock, sink_blocks, local_blocks, st, n_valid,
+        G, G_PAD, D, BLOCK_D, BLOCK_N, BS, CAUSAL, DYN,
+    )  # fmt: skip
     tl.store(OUT + row * n_blocks + j, score, mask=j < n_blocks)
     if ATTN:
         # a short row (one program holds all its blocks): select and attend here, one launch in
@@ -118,10 +109,9 @@ def _decode_scores_kernel(
         tl.debug_barrier()
         _select_row(OUT, IDX, row, n_blocks, count, s_ir, NB, True)
         tl.debug_barrier()
-        q = tl.load(q_ptr, mask=(g < G)[:, None] & (d < D)[None, :], other=0.0)  # (G_PAD, BLOCK_D)
-        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([G_PAD], tl.float32)
-        acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+        q, m_i, l_i, acc = _group_query(Q, b, h, s_qb, s_qh, s_qd, G, G_PAD, D, BLOCK_D)
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, BLOCK_D)
         m_i, l_i, acc = _attend_blocks(
             q, K + b * s_kb + h * s_kh + st * s_ks, V + b * s_vb + h * s_vh + st * s_vs, IDX + row * s_ir,
             0, count, n_valid, n_valid - 1, s_ks, s_kd, s_vs, s_vd, sm_scale * 1.4426950408889634,
@@ -226,22 +216,7 @@ def _select_row(SC, IDX, row, n_blocks, count, s_ir, NB: tl.constexpr, CG: tl.co
         x = tl.load(SC + row * n_blocks + j, mask=j < n_blocks, other=float("-inf"), cache_modifier=".cg")
     else:
         x = tl.load(SC + row * n_blocks + j, mask=j < n_blocks, other=float("-inf"))
-    # float32 -> int key with the same order (flip the magnitude bits of negatives)
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
-    # largest threshold t with #(key >= t) >= count: 32 steps of bisection over the int32 range
-    # (a radix-16 search, 8 steps over a (16, NB) tile, measured slower on H100: 15.3 vs 11.6 us)
-    lo = tl.min(key, axis=0)
-    hi = tl.max(key, axis=0)
-    for _ in range(32):
-        mid = (lo + hi + 1) >> 1
-        enough = tl.sum((key >= mid).to(tl.int32), axis=0) >= count
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
-    above = key > lo
-    tie = key == lo
-    need = count - tl.sum(above.to(tl.int32), axis=0)
-    keep = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))  # ties: lower index first
+    keep = _top_keep(x, count)
     slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
     tl.store(IDX + row * s_ir + slot, j, mask=keep)
 
@@ -280,68 +255,6 @@ def select_top_blocks(scores: Tensor, count: int) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # decode: split-K attention over the kept blocks
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _merge_splits(
-    OP, ML, Out, row, b, h, s_ob, s_oh, s_od,
-    G, G_PAD: tl.constexpr, D, BLOCK_D: tl.constexpr, N_SPLITS: tl.constexpr,
-):  # fmt: skip
-    """Combine the row's per-split (max, sum, numerator) into the output (flash-decoding).
-
-    A running merge; loading every split's (max, sum) at once and the numerators in an unrolled
-    loop measured slower on H100 (attention kernel 20.1 vs 16.9 us at 32k).
-    """
-    g = tl.arange(0, G_PAD)
-    d = tl.arange(0, BLOCK_D)
-    m_run = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_run = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
-    for s in range(N_SPLITS):
-        part = (row * N_SPLITS + s) * G_PAD
-        # .cg: read from L2, where the other programs' stores are; L1 may hold stale lines
-        m_s = tl.load(ML + (part * 2 + g), cache_modifier=".cg")
-        l_s = tl.load(ML + (part * 2 + G_PAD + g), cache_modifier=".cg")
-        o_s = tl.load(OP + (part + g)[:, None] * BLOCK_D + d[None, :], cache_modifier=".cg")
-        m_new = tl.maximum(m_run, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # both empty so far
-        alpha = tl.exp2(m_run - m_safe)
-        beta = tl.exp2(m_s - m_safe)
-        l_run = l_run * alpha + l_s * beta
-        acc = acc * alpha[:, None] + o_s * beta[:, None]
-        m_run = m_new
-    out = acc / tl.where(l_run == 0.0, 1.0, l_run)[:, None]  # padding rows (g >= G) stay finite
-    o_ptr = Out + b * s_ob + (h * G + g)[:, None] * s_oh + d[None, :] * s_od
-    tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=(g < G)[:, None] & (d < D)[None, :])
-
-
-@triton.jit
-def _attend_blocks(
-    q, k_base, v_base, idx, lo, hi, S, qpos, s_ks, s_kd, s_vs, s_vd, qk_scale, m_i, l_i, acc,
-    BLOCK_D: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """Online softmax of the query rows q (G_PAD, BLOCK_D) over kept blocks idx[lo:hi]: (m, l, acc)."""
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    offs = tl.arange(0, BS)
-    for n in range(lo, hi):
-        kpos = tl.load(idx + n).to(tl.int64) * BS + offs
-        kmask = kpos < S
-        if CAUSAL:
-            kmask = kmask & (kpos <= qpos)
-        k_ptr = k_base + kpos[None, :] * s_ks + d[:, None] * s_kd
-        k = tl.load(k_ptr, mask=kmask[None, :] & dmask[:, None], other=0.0)  # (BLOCK_D, BS)
-        v_ptr = v_base + kpos[:, None] * s_vs + d[None, :] * s_vd
-        v = tl.load(v_ptr, mask=kmask[:, None] & dmask[None, :], other=0.0)  # (BS, BLOCK_D)
-        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # (G_PAD, BS)
-        qk = tl.where(kmask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-    return m_i, l_i, acc
 
 
 @triton.jit
@@ -485,6 +398,21 @@ def dynamic_decode(
     s_len = length.stride(0)
     # small caches: one program per row scores, selects and attends (one launch instead of two)
     fused = n_blocks <= BLOCK_N and max_count <= FUSED_MAX_BLOCKS
+    if not fused and use_coop(G):
+        return coop_decode(
+            q,
+            k,
+            v,
+            pooled_k,
+            max_count,
+            block_size=block_size,
+            q_start=0,
+            n_blocks=n_blocks,
+            causal=True,
+            sink_blocks=sink_blocks,
+            local_blocks=local_blocks,
+            dynamic=(start, length, s_len, count_table),
+        )[0]
     rank = not fused and use_rank(G)  # selection by rank in the attention kernel
     G_PAD = max(16, triton.next_power_of_2(G)) if fused else triton.next_power_of_2(G)
     out = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype) if fused else q
@@ -557,6 +485,8 @@ def sparse_attention_triton(
         sink_blocks=sink_blocks,
         local_blocks=local_blocks,
     )
+    if q.shape[2] == 1 and n_blocks <= MAX_SELECT_BLOCKS and use_coop(q.shape[1] // k.shape[1]):
+        return coop_decode(q, k, v, pooled_k, int(counts[0]), **geometry)[0]
     if q.shape[2] == 1 and n_blocks <= MAX_SELECT_BLOCKS and use_rank(q.shape[1] // k.shape[1]):
         scores = decode_block_scores(q, pooled_k, **geometry)
         return rank_decode(

@@ -20,15 +20,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ds_core.kernels.triton_common import DECODE_TUNING, _group_query, _row_keys, _ticket_buffer
+from ds_core.kernels.triton_common import (
+    DECODE_TUNING,
+    _group_query,
+    _merge_splits,
+    _order_key,
+    _row_keys,
+    _ticket_buffer,
+)
 from ds_core.kernels.triton_common import precision as _precision
-
-
-@triton.jit
-def _order_key(x):
-    """float32 -> int32 with the same order (flip the magnitude bits of negatives)."""
-    bits = x.to(tl.int32, bitcast=True)
-    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
 
 
 @triton.jit
@@ -83,6 +83,36 @@ def _merge_wide(
     out = tl.sum(o * w[:, :, None], axis=0) / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
     o_ptr = Out + b * s_ob + (h * G + g)[:, None] * s_oh + d[None, :] * s_od
     tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=(g < G)[:, None] & (d < D)[None, :])
+
+
+@triton.jit
+def _publish_merge(
+    OP, ML, Out, TICKET, row, split, b, h, m_i, l_i, acc, s_ob, s_oh, s_od,
+    G, G_PAD: tl.constexpr, GS: tl.constexpr, D, BLOCK_D: tl.constexpr, N_SPLITS: tl.constexpr,
+    NSP: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    """Publish this program's partial softmax (rows, N_SPLITS, GS, BLOCK_D) / (rows, N_SPLITS, 2,
+    GS); the row's last program to arrive (an atomic ticket) merges them into Out (WIDE: every
+    partial loaded at once, else a running merge) and re-arms the ticket. Returns whether this
+    program merged."""
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, BLOCK_D)
+    part = (row * N_SPLITS + split) * GS
+    gmask = g < GS
+    tl.store(OP + (part + g)[:, None] * BLOCK_D + d[None, :], acc, mask=gmask[:, None])
+    tl.store(ML + (part * 2 + g), m_i, mask=gmask)
+    tl.store(ML + (part * 2 + GS + g), l_i, mask=gmask)
+    # the barrier + acq_rel atomic publish this program's stores first
+    tl.debug_barrier()
+    ticket = tl.atomic_add(TICKET + row, 1, sem="acq_rel")
+    last = ticket == N_SPLITS - 1
+    if last:
+        if WIDE:
+            _merge_wide(OP, ML, Out, row, b, h, s_ob, s_oh, s_od, G, GS, D, BLOCK_D, N_SPLITS, NSP)
+        else:  # the same (rows, N_SPLITS, GS, ...) layout
+            _merge_splits(OP, ML, Out, row, b, h, s_ob, s_oh, s_od, G, GS, D, BLOCK_D, N_SPLITS)
+        tl.atomic_xchg(TICKET + row, 0)  # ready for the next launch (and CUDA-graph replays)
+    return last
 
 
 @triton.jit
@@ -166,8 +196,6 @@ def _decode_rank_kernel(
     pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1  # the kept blocks, packed in ascending order
     n_keep = tl.sum(keep.to(tl.int32), axis=0)
 
-    g = tl.arange(0, G_PAD)
-    d = tl.arange(0, BLOCK_D)
     q, m_i, l_i, acc = _group_query(Q, b, h, s_qb, s_qh, s_qd, G, G_PAD, D, BLOCK_D)
     qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2
     k_base = K + b * s_kb + h * s_kh
@@ -176,17 +204,10 @@ def _decode_rank_kernel(
         q, k_base, v_base, jw, pos, keep, n_keep, S, qpos, s_ks, s_kd, s_vs, s_vd, qk_scale, m_i, l_i, acc,
         BLOCK_D, D, BS, CH, CAUSAL, DOT, PRECISION, STAGES,
     )  # fmt: skip
-    # publish the partial result: (rows, N_SPLITS, GS, BLOCK_D) and (rows, N_SPLITS, 2, GS)
-    part = (row * N_SPLITS + split) * GS
-    gmask = g < GS
-    tl.store(OP + (part + g)[:, None] * BLOCK_D + d[None, :], acc, mask=gmask[:, None])
-    tl.store(ML + (part * 2 + g), m_i, mask=gmask)
-    tl.store(ML + (part * 2 + GS + g), l_i, mask=gmask)
-    tl.debug_barrier()
-    ticket = tl.atomic_add(TICKET + row, 1, sem="acq_rel")
-    if ticket == N_SPLITS - 1:
-        _merge_wide(OP, ML, Out, row, b, h, s_ob, s_oh, s_od, G, GS, D, BLOCK_D, N_SPLITS, NSP)
-        tl.atomic_xchg(TICKET + row, 0)  # ready for the next launch (and CUDA-graph replays)
+    _publish_merge(
+        OP, ML, Out, TICKET, row, split, b, h, m_i, l_i, acc, s_ob, s_oh, s_od,
+        G, G_PAD, GS, D, BLOCK_D, N_SPLITS, NSP, True,
+    )  # fmt: skip
 
 
 def _rank_geometry(G: int, n_blocks: int, block_size: int) -> tuple[int, int, int, int]:
