@@ -194,9 +194,13 @@ SWEEP = [
     ("rank", {"path": "rank"}),
     ("coop_p8", {"path": "coop", "coop_programs": 8}),
     ("coop_plain_launch", {"path": "coop", "coop_launch": False}),
+    ("coop_merge_loop", {"path": "coop", "coop_merge_unrolled": False}),
 ]
 # variants also timed per layer of the n_layers-layer graph (the decoder's setting)
-LAYERED_SWEEP = [("ticket", {"path": "ticket"})]
+LAYERED_SWEEP = [
+    ("ticket", {"path": "ticket"}),
+    ("coop_merge_loop", {"path": "coop", "coop_merge_unrolled": False}),
+]
 
 
 def graph_rel(op, ref) -> dict:

@@ -117,10 +117,13 @@ def test_coop_decode_selects_the_reference_top_k_and_attends_like_the_reference(
         )
 
 
-@pytest.mark.parametrize(("programs", "launch"), [(4, False), (8, None)])
-def test_coop_decode_through_the_public_knobs(tuning, programs, launch):
-    """Programs per row and the launch attribute are knobs: the same selection and output."""
-    tuning.update(coop_programs=programs, coop_launch=launch)
+@pytest.mark.parametrize(
+    ("programs", "launch", "unrolled"), [(4, False, False), (8, None, True), (16, None, False)]
+)
+def test_coop_decode_through_the_public_knobs(tuning, programs, launch, unrolled):
+    """Programs per row, the launch attribute and the merge's unrolling are knobs: the same
+    selection and output."""
+    tuning.update(coop_programs=programs, coop_launch=launch, coop_merge_unrolled=unrolled)
     B, Hq, Hkv, S, D, bs = 2, 8, 2, 900, 64, 32
     g = torch.Generator().manual_seed(5)
     q, k, v = (
@@ -226,10 +229,10 @@ def test_gpu_coop_decode_at_long_context_selects_and_attends_like_the_reference(
 
 
 @pytest.mark.skipif(GPU, reason="CUDA-graph capture needs the compiled kernels on a GPU")
-@pytest.mark.parametrize(("G", "launch"), [(4, None), (4, False), (1, None)])
-def test_gpu_graph_replays_the_coop_path_at_every_length(tuning, G, launch):
+@pytest.mark.parametrize(("G", "launch", "unrolled"), [(4, None, False), (4, False, True), (1, None, True)])
+def test_gpu_graph_replays_the_coop_path_at_every_length(tuning, G, launch, unrolled):
     """One launch per step in a captured graph: the barrier and the ticket re-arm themselves."""
-    tuning["coop_launch"] = launch
+    tuning.update(coop_launch=launch, coop_merge_unrolled=unrolled)
     B, Hkv, S, bs, D = 2, 8 if G > 1 else 16, 16384, 64, 128
     g = torch.Generator().manual_seed(2)
     q, k, v = (

@@ -301,7 +301,7 @@ def _decode_attn_kernel(
     tl.debug_barrier()
     ticket = tl.atomic_add(TICKET + row, 1, sem="acq_rel")
     if ticket == N_SPLITS - 1:
-        _merge_splits(OP, ML, Out, row, b, h, s_ob, s_oh, s_od, G, G_PAD, D, BLOCK_D, N_SPLITS)
+        _merge_splits(OP, ML, Out, row, b, h, s_ob, s_oh, s_od, G, G_PAD, D, BLOCK_D, N_SPLITS, False)
         tl.atomic_xchg(TICKET + row, 0)  # ready for the next launch (and CUDA-graph replays)
 
 

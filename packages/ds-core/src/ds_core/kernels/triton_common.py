@@ -35,6 +35,7 @@ DECODE_TUNING: dict = {
     "dot": None,  # False: multiply-and-sum on the CUDA cores instead of tl.dot
     "coop_programs": None,  # "coop" (triton_coop.py): programs per row
     "coop_launch": None,  # "coop": False launches without the cooperative-grid attribute
+    "coop_merge_unrolled": True,  # "coop": the last program's running merge unrolled (False: a loop)
 }
 
 _tickets: dict[tuple[torch.device, str], Tensor] = {}
@@ -156,33 +157,44 @@ def _score_blocks(
 
 
 @triton.jit
+def _merge_step(OP, ML, part, g, d, m_run, l_run, acc, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Fold one split's (max, sum, numerator), stored at ``part``, into the running merge."""
+    # .cg: read from L2, where the other programs' stores are; L1 may hold stale lines
+    m_s = tl.load(ML + (part * 2 + g), cache_modifier=".cg")
+    l_s = tl.load(ML + (part * 2 + G_PAD + g), cache_modifier=".cg")
+    o_s = tl.load(OP + (part + g)[:, None] * BLOCK_D + d[None, :], cache_modifier=".cg")
+    m_new = tl.maximum(m_run, m_s)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # both empty so far
+    alpha = tl.exp2(m_run - m_safe)
+    beta = tl.exp2(m_s - m_safe)
+    return m_new, l_run * alpha + l_s * beta, acc * alpha[:, None] + o_s * beta[:, None]
+
+
+@triton.jit
 def _merge_splits(
     OP, ML, Out, row, b, h, s_ob, s_oh, s_od,
-    G, G_PAD: tl.constexpr, D, BLOCK_D: tl.constexpr, N_SPLITS: tl.constexpr,
+    G, G_PAD: tl.constexpr, D, BLOCK_D: tl.constexpr, N_SPLITS: tl.constexpr, UNROLL: tl.constexpr,
 ):  # fmt: skip
     """Combine the row's per-split (max, sum, numerator) into the output (flash-decoding).
 
-    A running merge; loading every split's (max, sum) at once and the numerators in an unrolled
-    loop measured slower on H100 (attention kernel 20.1 vs 16.9 us at 32k).
+    A running merge; UNROLL unrolls it so that every split's loads can go out at once (cheap
+    when G_PAD rows are few). Loading every split's (max, sum) at once and the numerators in an
+    unrolled loop with 16-row partials measured slower on H100 (attention kernel 20.1 vs 16.9 us
+    at 32k).
     """
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, BLOCK_D)
     m_run = tl.full([G_PAD], float("-inf"), tl.float32)
     l_run = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
-    for s in range(N_SPLITS):
-        part = (row * N_SPLITS + s) * G_PAD
-        # .cg: read from L2, where the other programs' stores are; L1 may hold stale lines
-        m_s = tl.load(ML + (part * 2 + g), cache_modifier=".cg")
-        l_s = tl.load(ML + (part * 2 + G_PAD + g), cache_modifier=".cg")
-        o_s = tl.load(OP + (part + g)[:, None] * BLOCK_D + d[None, :], cache_modifier=".cg")
-        m_new = tl.maximum(m_run, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # both empty so far
-        alpha = tl.exp2(m_run - m_safe)
-        beta = tl.exp2(m_s - m_safe)
-        l_run = l_run * alpha + l_s * beta
-        acc = acc * alpha[:, None] + o_s * beta[:, None]
-        m_run = m_new
+    if UNROLL:
+        for s in tl.static_range(N_SPLITS):
+            part = (row * N_SPLITS + s) * G_PAD
+            m_run, l_run, acc = _merge_step(OP, ML, part, g, d, m_run, l_run, acc, G_PAD, BLOCK_D)
+    else:
+        for s in range(N_SPLITS):
+            part = (row * N_SPLITS + s) * G_PAD
+            m_run, l_run, acc = _merge_step(OP, ML, part, g, d, m_run, l_run, acc, G_PAD, BLOCK_D)
     out = acc / tl.where(l_run == 0.0, 1.0, l_run)[:, None]  # padding rows (g >= G) stay finite
     o_ptr = Out + b * s_ob + (h * G + g)[:, None] * s_oh + d[None, :] * s_od
     tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=(g < G)[:, None] & (d < D)[None, :])

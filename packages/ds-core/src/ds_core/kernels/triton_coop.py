@@ -71,7 +71,7 @@ def _decode_coop_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, GS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BS: tl.constexpr, W_SCORE: tl.constexpr, SCORE_N: tl.constexpr, W: tl.constexpr, NB: tl.constexpr,
     N_SPLITS: tl.constexpr, NSP: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    DYN: tl.constexpr, PHASE: tl.constexpr, TRACE: tl.constexpr,
+    DYN: tl.constexpr, PHASE: tl.constexpr, TRACE: tl.constexpr, MERGE: tl.constexpr,
 ):  # fmt: skip
     """PHASE 1: score; 2: select, attend, merge; 3: both, with the row's barrier between."""
     row = tl.program_id(0)  # (batch, KV head): one GQA group
@@ -124,7 +124,7 @@ def _decode_coop_kernel(
             tl.store(tr + 4, _clock())
         last = _publish_merge(
             OP, ML, Out, TICKET, row, split, b, h, m_i, l_i, acc, s_ob, s_oh, s_od,
-            G, G_PAD, GS, D, BLOCK_D, N_SPLITS, NSP, False,
+            G, G_PAD, GS, D, BLOCK_D, N_SPLITS, NSP, MERGE,
         )  # fmt: skip
         if last:  # every program of the row has passed the barrier: re-arm it
             tl.atomic_xchg(ARRIVED + row, 0)
@@ -207,6 +207,7 @@ def coop_decode(
         G=G, G_PAD=G_PAD, GS=GS, D=D, BLOCK_D=BLOCK_D, BS=block_size, W_SCORE=w_score, SCORE_N=min(w_score, 64),
         W=W, NB=NB, N_SPLITS=n_split, NSP=triton.next_power_of_2(n_split), CAUSAL=causal,
         PRECISION=_precision(q.dtype), DYN=dynamic is not None, TRACE=trace is not None,
+        MERGE=2 if DECODE_TUNING["coop_merge_unrolled"] else 1,
         num_warps=DECODE_TUNING["num_warps"] or 4, num_stages=DECODE_TUNING["num_stages"] or 2,
     )  # fmt: skip
     grid = (rows, n_split)

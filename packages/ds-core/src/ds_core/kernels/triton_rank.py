@@ -89,11 +89,12 @@ def _merge_wide(
 def _publish_merge(
     OP, ML, Out, TICKET, row, split, b, h, m_i, l_i, acc, s_ob, s_oh, s_od,
     G, G_PAD: tl.constexpr, GS: tl.constexpr, D, BLOCK_D: tl.constexpr, N_SPLITS: tl.constexpr,
-    NSP: tl.constexpr, WIDE: tl.constexpr,
+    NSP: tl.constexpr, MERGE: tl.constexpr,
 ):  # fmt: skip
     """Publish this program's partial softmax (rows, N_SPLITS, GS, BLOCK_D) / (rows, N_SPLITS, 2,
-    GS); the row's last program to arrive (an atomic ticket) merges them into Out (WIDE: every
-    partial loaded at once, else a running merge) and re-arms the ticket. Returns whether this
+    GS); the row's last program to arrive (an atomic ticket) merges them into Out (MERGE 0: every
+    partial loaded at once; 1: a running merge; 2: the running merge unrolled) and re-arms the
+    ticket. Returns whether this
     program merged."""
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, BLOCK_D)
@@ -107,10 +108,10 @@ def _publish_merge(
     ticket = tl.atomic_add(TICKET + row, 1, sem="acq_rel")
     last = ticket == N_SPLITS - 1
     if last:
-        if WIDE:
+        if MERGE == 0:
             _merge_wide(OP, ML, Out, row, b, h, s_ob, s_oh, s_od, G, GS, D, BLOCK_D, N_SPLITS, NSP)
         else:  # the same (rows, N_SPLITS, GS, ...) layout
-            _merge_splits(OP, ML, Out, row, b, h, s_ob, s_oh, s_od, G, GS, D, BLOCK_D, N_SPLITS)
+            _merge_splits(OP, ML, Out, row, b, h, s_ob, s_oh, s_od, G, GS, D, BLOCK_D, N_SPLITS, MERGE == 2)
         tl.atomic_xchg(TICKET + row, 0)  # ready for the next launch (and CUDA-graph replays)
     return last
 
@@ -206,7 +207,7 @@ def _decode_rank_kernel(
     )  # fmt: skip
     _publish_merge(
         OP, ML, Out, TICKET, row, split, b, h, m_i, l_i, acc, s_ob, s_oh, s_od,
-        G, G_PAD, GS, D, BLOCK_D, N_SPLITS, NSP, True,
+        G, G_PAD, GS, D, BLOCK_D, N_SPLITS, NSP, 0,
     )  # fmt: skip
 
 
