@@ -3,7 +3,8 @@
 P programs per row score their share of the key blocks, meet at the row's barrier, each finds
 the row's exact top-k and attends to its share of the kept blocks. In the CPU interpreter the
 same kernel runs as two launches (programs run one at a time there, so a barrier never opens);
-the GPU tests at the bottom run the one-launch form, replayed from a CUDA graph.
+the GPU test at the bottom runs the one-launch form; test_core_attention_rank.py replays it from
+a CUDA graph at every length, next to the other decode paths.
 """
 
 from __future__ import annotations
@@ -226,47 +227,6 @@ def test_gpu_coop_decode_at_long_context_selects_and_attends_like_the_reference(
     ref = reference_sparse_attention(q, k, v, idx, counts, block_size=64, q_start=S - 1)
     assert rel(out, ref) < 1e-2
     assert tickets_rearmed(DEVICE, Hkv)
-
-
-@pytest.mark.skipif(GPU, reason="CUDA-graph capture needs the compiled kernels on a GPU")
-@pytest.mark.parametrize(("G", "launch", "unrolled"), [(4, None, False), (4, False, True), (1, None, True)])
-def test_gpu_graph_replays_the_coop_path_at_every_length(tuning, G, launch, unrolled):
-    """One launch per step in a captured graph: the barrier and the ticket re-arm themselves."""
-    tuning.update(coop_launch=launch, coop_merge_unrolled=unrolled)
-    B, Hkv, S, bs, D = 2, 8 if G > 1 else 16, 16384, 64, 128
-    g = torch.Generator().manual_seed(2)
-    q, k, v = (
-        torch.randn(*s, generator=g).to(torch.bfloat16).to(DEVICE)
-        for s in ((B, Hkv * G, 1, D), (B, Hkv, S, D), (B, Hkv, S, D))
-    )
-    pooled = torch.zeros(B, Hkv, S // bs, D, dtype=torch.bfloat16, device=DEVICE)
-    cfg = SparsityConfig(attention_sparse_ratio=0.7, attention_block_size=bs)
-    starts = torch.tensor([0, 100], device=DEVICE)
-    n = torch.tensor([300], device=DEVICE)
-
-    def step():
-        return sparse_attention(q, k, v, sparsity=cfg, kv_length=n, kv_start=starts, pooled_k=pooled)
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    for length in (300, 4095, 4096, 9000, 16384):
-        for b, s in enumerate([0, 100]):
-            pool_keys(k[b : b + 1, :, s : length - 1], bs, out=pooled[b : b + 1])
-        n.fill_(length)
-        for _ in range(2):  # twice: the barrier and the ticket must be re-armed by the kernel
-            graph.replay()
-        want = []
-        for b, s in enumerate([0, 100]):
-            kb, vb = k[b : b + 1, :, s:length], v[b : b + 1, :, s:length]
-            pk = pooled[b : b + 1]  # the same bf16 pooled cache
-            want.append(sparse_attention(q[b : b + 1], kb, vb, sparsity=cfg, pooled_k=pk, backend="torch"))
-        assert rel(out, torch.cat(want)) < 1e-2, length
 
 
 def test_top_k_bisection_at_the_infinite_edges():

@@ -191,10 +191,21 @@ def test_gpu_decode_at_long_context_selects_and_attends_like_the_reference(S, Hk
 
 
 @pytest.mark.skipif(GPU, reason="CUDA-graph capture needs the compiled kernels on a GPU")
-@pytest.mark.parametrize(("G", "path"), [(4, "rank"), (1, "rank"), (4, "ticket")])
-def test_gpu_graph_replays_the_rank_path_at_every_length(tuning, G, path):
-    """Scores kernel, then the rank or the ticket attention kernel: two launches per step."""
-    tuning.update(path=path)
+@pytest.mark.parametrize(
+    ("G", "knobs"),
+    [
+        (4, {"path": "rank"}),
+        (1, {"path": "rank"}),
+        (4, {"path": "ticket"}),
+        (4, {"path": "coop"}),  # one launch, a barrier per row (triton_coop.py)
+        (4, {"path": "coop", "coop_launch": False, "coop_merge_unrolled": False}),
+        (1, {"path": "coop"}),
+    ],
+)
+def test_gpu_graph_replays_each_decode_path_at_every_length(tuning, G, knobs):
+    """Scores kernel then the rank or the ticket attention kernel (two launches per step), or
+    the coop kernel (one): tickets and barriers re-arm themselves between replays."""
+    tuning.update(knobs)
     B, Hkv, S, bs, D = 2, 8 if G > 1 else 16, 16384, 64, 128
     g = torch.Generator().manual_seed(2)
     q, k, v = (
@@ -221,7 +232,7 @@ def test_gpu_graph_replays_the_rank_path_at_every_length(tuning, G, path):
         for b, s in enumerate([0, 100]):
             pool_keys(k[b : b + 1, :, s : length - 1], bs, out=pooled[b : b + 1])
         n.fill_(length)
-        for _ in range(2):  # twice: the tickets must be reset by the kernel itself
+        for _ in range(2):  # twice: the tickets (and barriers) must be re-armed by the kernel itself
             graph.replay()
         want = rows_alone(q, k, v, cfg, [0, 100], length, pooled)  # the same bf16 pooled cache
         assert rel(out, want) < 1e-2, length
