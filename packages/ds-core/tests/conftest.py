@@ -64,3 +64,15 @@ def rel_err():
         return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
     return err
+
+
+@pytest.fixture
+def tuning():
+    """The decode kernels' knobs (``DECODE_TUNING``) for one test: the shared dict is mutated,
+    then restored."""
+    from ds_core.kernels.triton_common import DECODE_TUNING
+
+    saved = dict(DECODE_TUNING)
+    yield DECODE_TUNING
+    DECODE_TUNING.clear()
+    DECODE_TUNING.update(saved)

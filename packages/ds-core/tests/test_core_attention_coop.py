@@ -36,18 +36,10 @@ def _triton_runs(needs_triton):
     """Every test here needs the kernels runnable (GPU or interpreter)."""
 
 
-@pytest.fixture
-def tuning():
-    """Decode knobs for one test, the coop path on (the shared dict is mutated, then restored)."""
-    saved = dict(ta.DECODE_TUNING)
-    ta.DECODE_TUNING["path"] = "coop"
-    yield ta.DECODE_TUNING
-    ta.DECODE_TUNING.clear()
-    ta.DECODE_TUNING.update(saved)
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+@pytest.fixture(autouse=True)
+def _coop_path(tuning):
+    """Every test here forces the coop path (conftest's ``tuning`` restores the knobs after)."""
+    tuning["path"] = "coop"
 
 
 def tickets_rearmed(device, rows):
@@ -81,7 +73,7 @@ def tickets_rearmed(device, rows):
     ],
 )
 def test_coop_decode_selects_the_reference_top_k_and_attends_like_the_reference(
-    tuning, dtype, B, Hq, Hkv, S, D, bs, frac, q_start, causal, programs
+    tuning, rel_err, dtype, B, Hq, Hkv, S, D, bs, frac, q_start, causal, programs
 ):
     tuning["coop_programs"] = programs
     g = torch.Generator().manual_seed(S)
@@ -107,21 +99,22 @@ def test_coop_decode_selects_the_reference_top_k_and_attends_like_the_reference(
     ref = reference_sparse_attention(q, k, v, idx, counts, block_size=bs, q_start=q_start, causal=causal)
     out, got = tc.coop_decode(q, k, v, pooled, int(counts[0]), **geo)
     assert torch.equal(got.long(), idx.long())  # the reference top-k, ascending
-    assert rel(out, ref) < TOL[dtype]
+    assert rel_err(out, ref) < TOL[dtype]
     assert tickets_rearmed(DEVICE, B * Hkv)
     # the public op takes the same path
     cfg = SparsityConfig(attention_sparse_ratio=1 - frac, attention_block_size=bs)
     if q_start == S - 1 and causal:
         want = sparse_attention(q, k, v, sparsity=cfg, pooled_k=pooled, backend="torch")
         assert (
-            rel(sparse_attention(q, k, v, sparsity=cfg, pooled_k=pooled, backend="triton"), want) < TOL[dtype]
+            rel_err(sparse_attention(q, k, v, sparsity=cfg, pooled_k=pooled, backend="triton"), want)
+            < TOL[dtype]
         )
 
 
 @pytest.mark.parametrize(
     ("programs", "launch", "unrolled"), [(4, False, False), (8, None, True), (16, None, False)]
 )
-def test_coop_decode_through_the_public_knobs(tuning, programs, launch, unrolled):
+def test_coop_decode_through_the_public_knobs(tuning, rel_err, programs, launch, unrolled):
     """Programs per row, the launch attribute and the merge's unrolling are knobs: the same
     selection and output."""
     tuning.update(coop_programs=programs, coop_launch=launch, coop_merge_unrolled=unrolled)
@@ -140,7 +133,7 @@ def test_coop_decode_through_the_public_knobs(tuning, programs, launch, unrolled
     ref = reference_sparse_attention(q, k, v, idx, counts, block_size=bs, q_start=S - 1)
     out, got = tc.coop_decode(q, k, v, pooled, int(counts[0]), **geo)
     assert torch.equal(got.long(), idx.long())
-    assert rel(out, ref) < 1e-4
+    assert rel_err(out, ref) < 1e-4
     assert tickets_rearmed(DEVICE, B * Hkv)
 
 
@@ -164,7 +157,7 @@ def test_coop_selection_breaks_ties_towards_the_lower_block(tuning, programs):
 
 
 @pytest.mark.parametrize("programs", [None, 2, 8])
-def test_device_length_coop_path_matches_each_row_alone(tuning, programs):
+def test_device_length_coop_path_matches_each_row_alone(tuning, rel_err, programs):
     """Left-padded rows, lengths on the device, the pooled cache one block behind (the kernel
     adds the latest complete block's mean itself, as the two-launch path does)."""
     tuning["coop_programs"] = programs
@@ -187,7 +180,7 @@ def test_device_length_coop_path_matches_each_row_alone(tuning, programs):
         for b, s in enumerate(starts):
             kb, vb = k[b : b + 1, :, s:length], v[b : b + 1, :, s:length]
             want.append(sparse_attention(q[b : b + 1], kb, vb, sparsity=cfg, backend="torch"))
-        assert rel(out, torch.cat(want)) < 1e-4, length
+        assert rel_err(out, torch.cat(want)) < 1e-4, length
         assert tickets_rearmed(DEVICE, B * Hkv)
 
 
@@ -208,7 +201,9 @@ def test_programs_per_row_fill_the_sms_and_respect_the_override(tuning):
 @pytest.mark.parametrize(
     ("S", "Hkv", "G", "keep"), [(32768, 8, 4, 32), (65536, 8, 4, 32), (8448, 32, 1, None)]
 )
-def test_gpu_coop_decode_at_long_context_selects_and_attends_like_the_reference(tuning, S, Hkv, G, keep):
+def test_gpu_coop_decode_at_long_context_selects_and_attends_like_the_reference(
+    tuning, rel_err, S, Hkv, G, keep
+):
     """The issue-3 shapes (GQA 4, 32k / 64k keys, 32 blocks kept) and ds-7b's MHA, one launch."""
     g = torch.Generator().manual_seed(S)
     q, k, v = (
@@ -225,7 +220,7 @@ def test_gpu_coop_decode_at_long_context_selects_and_attends_like_the_reference(
     out, got = tc.coop_decode(q, k, v, pooled, int(counts[0]), **geo)
     assert torch.equal(got.long(), idx.long())
     ref = reference_sparse_attention(q, k, v, idx, counts, block_size=64, q_start=S - 1)
-    assert rel(out, ref) < 1e-2
+    assert rel_err(out, ref) < 1e-2
     assert tickets_rearmed(DEVICE, Hkv)
 
 

@@ -34,15 +34,6 @@ def _triton_runs(needs_triton):
     """Every test here needs the kernels runnable (GPU or interpreter)."""
 
 
-@pytest.fixture
-def tuning():
-    """Set decode knobs for one test (the shared dict is mutated, then restored)."""
-    saved = dict(ta.DECODE_TUNING)
-    yield ta.DECODE_TUNING
-    ta.DECODE_TUNING.clear()
-    ta.DECODE_TUNING.update(saved)
-
-
 def rows_alone(q, k, v, cfg, starts, length, pooled=None):
     """The torch path on each row alone, sliced to its valid keys [start, length): the reference
     of a device-length decode over left-padded rows."""

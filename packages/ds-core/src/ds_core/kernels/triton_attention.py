@@ -50,8 +50,9 @@ from ds_core.kernels.reference_attention import block_scores, pool_keys, select_
 from ds_core.kernels.triton_common import (
     DECODE_TUNING,
     _attend_blocks,
+    _group_qsum,
     _group_query,
-    _merge_splits,
+    _publish_merge,
     _row_keys,
     _score_blocks,
     _ticket_buffer,
@@ -98,9 +99,9 @@ def _decode_scores_kernel(
         st, n_valid, _, count = _row_keys(START, LEN, s_len, TABLE, b, BS)
         qblock = (n_valid - 1) // BS
     j, score = _score_blocks(
-        Q, P, K, b, h, tl.program_id(1) * BLOCK_N, s_qb, s_qh, s_qd, s_pb, s_ph, s_pn, s_pd,
-        s_kb, s_kh, s_ks, s_kd, n_pooled, n_blocks, qblock, sink_blocks, local_blocks, st, n_valid,
-        G, G_PAD, D, BLOCK_D, BLOCK_N, BS, CAUSAL, DYN,
+        _group_qsum(Q, b, h, s_qb, s_qh, s_qd, G, G_PAD, D, BLOCK_D), P, K, b, h, tl.program_id(1) * BLOCK_N,
+        s_pb, s_ph, s_pn, s_pd, s_kb, s_kh, s_ks, s_kd, n_pooled, n_blocks, qblock, sink_blocks, local_blocks,
+        st, n_valid, D, BLOCK_D, BLOCK_N, BS, CAUSAL, DYN,
     )  # fmt: skip
     tl.store(OUT + row * n_blocks + j, score, mask=j < n_blocks)
     if ATTN:
@@ -279,8 +280,6 @@ def _decode_attn_kernel(
         st, S, qpos, count = _row_keys(START, LEN, s_len, TABLE, b, BS)
         K += st * s_ks
         V += st * s_vs
-    g = tl.arange(0, G_PAD)
-    d = tl.arange(0, BLOCK_D)
     q, m_i, l_i, acc = _group_query(Q, b, h, s_qb, s_qh, s_qd, G, G_PAD, D, BLOCK_D)
     qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2
     k_base = K + b * s_kb + h * s_kh
@@ -291,18 +290,12 @@ def _decode_attn_kernel(
         q, k_base, v_base, IDX + row * s_ir, lo, hi, S, qpos, s_ks, s_kd, s_vs, s_vd, qk_scale,
         m_i, l_i, acc, BLOCK_D, D, BS, CAUSAL, PRECISION,
     )  # fmt: skip
-    # publish the partial result: (rows, N_SPLITS, G_PAD, BLOCK_D) and (rows, N_SPLITS, 2, G_PAD)
-    part = (row * N_SPLITS + split) * G_PAD
-    tl.store(OP + (part + g)[:, None] * BLOCK_D + d[None, :], acc)
-    tl.store(ML + (part * 2 + g), m_i)
-    tl.store(ML + (part * 2 + G_PAD + g), l_i)
-    # the row's last program to finish merges the partials (flash-decoding without a second
-    # launch); the barrier + acq_rel atomic publish this program's stores first
-    tl.debug_barrier()
-    ticket = tl.atomic_add(TICKET + row, 1, sem="acq_rel")
-    if ticket == N_SPLITS - 1:
-        _merge_splits(OP, ML, Out, row, b, h, s_ob, s_oh, s_od, G, G_PAD, D, BLOCK_D, N_SPLITS, False)
-        tl.atomic_xchg(TICKET + row, 0)  # ready for the next launch (and CUDA-graph replays)
+    # publish the partial (all G_PAD rows); the row's last program to finish merges (a running
+    # merge: flash-decoding without a second launch)
+    _publish_merge(
+        OP, ML, Out, TICKET, row, split, b, h, m_i, l_i, acc, s_ob, s_oh, s_od,
+        G, G_PAD, G_PAD, D, BLOCK_D, N_SPLITS, N_SPLITS, 1,
+    )  # fmt: skip
 
 
 def block_sparse_decode(

@@ -19,12 +19,12 @@ def precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# Knobs of the decode kernels (triton_attention, triton_rank) that the benchmarks sweep
+# Knobs of the decode kernels (triton_attention, triton_rank, triton_coop) that the benchmarks sweep
 # (bench_attention.py, bench_decode.py); None: the default. Mutate it, never rebind it.
 DECODE_TUNING: dict = {
     # "rank" (triton_rank.py), "ticket" (scores + selection by the row's last program, then the
     # split kernel), "coop" (triton_coop.py: one launch, a barrier per row) or None: rank for
-    # MHA, ticket for GQA (the faster of the two on H100 / H200, docs/benchmarks/ds-core.md)
+    # MHA, coop for GQA (the fastest on an H100, docs/benchmarks/ds-core.md)
     "path": None,
     "blocks_per_program": None,
     "chunk_blocks": None,
@@ -118,23 +118,31 @@ def _top_keep(x, count):
 
 
 @triton.jit
+def _group_qsum(Q, b, h, s_qb, s_qh, s_qd, G, G_PAD: tl.constexpr, D, BLOCK_D: tl.constexpr):
+    """The query of GQA group (b, h) summed over its heads, float32 (BLOCK_D,): the block scores'
+    query (sum_g q_g . pooled_k = (sum_g q_g) . pooled_k)."""
+    d = tl.arange(0, BLOCK_D)
+    g = tl.arange(0, G_PAD)
+    q_ptr = Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :] * s_qd
+    qg = tl.load(q_ptr, mask=(g < G)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+    return tl.sum(qg, axis=0)
+
+
+@triton.jit
 def _score_blocks(
-    Q, P, K, b, h, j0, s_qb, s_qh, s_qd, s_pb, s_ph, s_pn, s_pd, s_kb, s_kh, s_ks, s_kd,
+    qsum, P, K, b, h, j0, s_pb, s_ph, s_pn, s_pd, s_kb, s_kh, s_ks, s_kd,
     n_pooled, n_blocks, qblock, sink_blocks, local_blocks, st, n_valid,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr, DYN: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr,
+    DYN: tl.constexpr,
 ):  # fmt: skip
-    """(j, scores) of key blocks j = j0 .. j0 + BLOCK_N of GQA group (b, h): sum_g q_g . pooled_k[j],
+    """(j, scores) of key blocks j = j0 .. j0 + BLOCK_N of GQA group (b, h): qsum . pooled_k[j]
+    (qsum from ``_group_qsum``),
     sinks and the local window forced to +inf, blocks the query cannot see -inf. DYN: the row's
     keys are slots [st, st + n_valid) (device values); the latest complete block's mean joins the
     pooled-key cache here (computed from K by the call whose j holds it), so the cache stays
     exact as the length grows."""
     j = j0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
-    g = tl.arange(0, G_PAD)
-    q_ptr = Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :] * s_qd
-    qg = tl.load(q_ptr, mask=(g < G)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
-    qsum = tl.sum(qg, axis=0)  # (BLOCK_D,): the group's query, summed over its heads
     p_ptr = P + b * s_pb + h * s_ph + j[:, None] * s_pn + d[None, :] * s_pd
     pk = tl.load(p_ptr, mask=(j < n_pooled)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
     score = tl.sum(pk * qsum[None, :], axis=1)  # (BLOCK_N,)
@@ -230,3 +238,65 @@ def _attend_blocks(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return m_i, l_i, acc
+
+
+@triton.jit
+def _merge_wide(
+    OP, ML, Out, row, b, h, s_ob, s_oh, s_od,
+    G, GS: tl.constexpr, D, BLOCK_D: tl.constexpr, N_SPLITS, NSP: tl.constexpr,
+):  # fmt: skip
+    """Combine the row's N_SPLITS partials (max, sum, numerator), all loaded at once."""
+    s = tl.arange(0, NSP)
+    g = tl.arange(0, GS)
+    d = tl.arange(0, BLOCK_D)
+    part = (row * N_SPLITS + s)[:, None] * GS + g[None, :]  # (NSP, GS)
+    live = (s < N_SPLITS)[:, None] & (g < GS)[None, :]
+    # .cg: read from L2, where the other programs' stores are; L1 may hold stale lines
+    m = tl.load(
+        ML + (part + (row * N_SPLITS + s)[:, None] * GS), mask=live, other=float("-inf"), cache_modifier=".cg"
+    )
+    l_s = tl.load(
+        ML + (part + (row * N_SPLITS + s + 1)[:, None] * GS), mask=live, other=0.0, cache_modifier=".cg"
+    )
+    o = tl.load(
+        OP + part[:, :, None] * BLOCK_D + d[None, None, :],
+        mask=live[:, :, None],
+        other=0.0,
+        cache_modifier=".cg",
+    )
+    m_max = tl.max(m, axis=0)  # (GS,)
+    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max)[None, :])  # (NSP, GS); empty: 0
+    l_sum = tl.sum(l_s * w, axis=0)
+    out = tl.sum(o * w[:, :, None], axis=0) / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
+    o_ptr = Out + b * s_ob + (h * G + g)[:, None] * s_oh + d[None, :] * s_od
+    tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=(g < G)[:, None] & (d < D)[None, :])
+
+
+@triton.jit
+def _publish_merge(
+    OP, ML, Out, TICKET, row, split, b, h, m_i, l_i, acc, s_ob, s_oh, s_od,
+    G, G_PAD: tl.constexpr, GS: tl.constexpr, D, BLOCK_D: tl.constexpr, N_SPLITS: tl.constexpr,
+    NSP: tl.constexpr, MERGE: tl.constexpr,
+):  # fmt: skip
+    """Publish this program's partial softmax (rows, N_SPLITS, GS, BLOCK_D) / (rows, N_SPLITS, 2,
+    GS); the row's last program to arrive (an atomic ticket) merges them into Out (MERGE 0: every
+    partial loaded at once; 1: a running merge; 2: the running merge unrolled) and re-arms the
+    ticket. Returns whether this program merged."""
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, BLOCK_D)
+    part = (row * N_SPLITS + split) * GS
+    gmask = g < GS
+    tl.store(OP + (part + g)[:, None] * BLOCK_D + d[None, :], acc, mask=gmask[:, None])
+    tl.store(ML + (part * 2 + g), m_i, mask=gmask)
+    tl.store(ML + (part * 2 + GS + g), l_i, mask=gmask)
+    # the barrier + acq_rel atomic publish this program's stores first
+    tl.debug_barrier()
+    ticket = tl.atomic_add(TICKET + row, 1, sem="acq_rel")
+    last = ticket == N_SPLITS - 1
+    if last:
+        if MERGE == 0:
+            _merge_wide(OP, ML, Out, row, b, h, s_ob, s_oh, s_od, G, GS, D, BLOCK_D, N_SPLITS, NSP)
+        else:  # the same (rows, N_SPLITS, GS, ...) layout
+            _merge_splits(OP, ML, Out, row, b, h, s_ob, s_oh, s_od, G, GS, D, BLOCK_D, N_SPLITS, MERGE == 2)
+        tl.atomic_xchg(TICKET + row, 0)  # ready for the next launch (and CUDA-graph replays)
+    return last

@@ -36,7 +36,9 @@ from torch import Tensor
 from ds_core.kernels.triton_common import (
     DECODE_TUNING,
     _attend_blocks,
+    _group_qsum,
     _group_query,
+    _publish_merge,
     _row_keys,
     _score_blocks,
     _ticket_buffer,
@@ -44,7 +46,6 @@ from ds_core.kernels.triton_common import (
 )
 from ds_core.kernels.triton_common import num_sms as _num_sms
 from ds_core.kernels.triton_common import precision as _precision
-from ds_core.kernels.triton_rank import _publish_merge
 
 # at most this many programs per row (the merge holds every program's partial at once)
 MAX_PROGRAMS = 64
@@ -86,11 +87,12 @@ def _decode_coop_kernel(
     if DYN:  # row b holds its keys in slots [start, length) (device values)
         st, n_valid, qpos, count = _row_keys(START, LEN, s_len, TABLE, b, BS)
     if PHASE != 2:
+        qsum = _group_qsum(Q, b, h, s_qb, s_qh, s_qd, G, G_PAD, D, BLOCK_D)
         for c in range(0, W_SCORE, SCORE_N):  # this program's W_SCORE blocks, SCORE_N at a time
             j, score = _score_blocks(
-                Q, P, K, b, h, split * W_SCORE + c, s_qb, s_qh, s_qd, s_pb, s_ph, s_pn, s_pd,
-                s_kb, s_kh, s_ks, s_kd, n_pooled, n_blocks, qpos // BS, sink_blocks, local_blocks, st, n_valid,
-                G, G_PAD, D, BLOCK_D, SCORE_N, BS, CAUSAL, DYN,
+                qsum, P, K, b, h, split * W_SCORE + c, s_pb, s_ph, s_pn, s_pd, s_kb, s_kh, s_ks, s_kd,
+                n_pooled, n_blocks, qpos // BS, sink_blocks, local_blocks, st, n_valid,
+                D, BLOCK_D, SCORE_N, BS, CAUSAL, DYN,
             )  # fmt: skip
             tl.store(SC + row * n_blocks + j, score, mask=j < n_blocks)
         if TRACE:

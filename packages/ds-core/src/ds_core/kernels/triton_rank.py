@@ -23,8 +23,8 @@ from torch import Tensor
 from ds_core.kernels.triton_common import (
     DECODE_TUNING,
     _group_query,
-    _merge_splits,
     _order_key,
+    _publish_merge,
     _row_keys,
     _ticket_buffer,
 )
@@ -51,69 +51,6 @@ def _attend_tile(q, k, v, kmask, qk_scale, m_i, l_i, acc, DOT: tl.constexpr, PRE
     else:
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
     return m_new, l_i, acc
-
-
-@triton.jit
-def _merge_wide(
-    OP, ML, Out, row, b, h, s_ob, s_oh, s_od,
-    G, GS: tl.constexpr, D, BLOCK_D: tl.constexpr, N_SPLITS, NSP: tl.constexpr,
-):  # fmt: skip
-    """Combine the row's N_SPLITS partials (max, sum, numerator), all loaded at once."""
-    s = tl.arange(0, NSP)
-    g = tl.arange(0, GS)
-    d = tl.arange(0, BLOCK_D)
-    part = (row * N_SPLITS + s)[:, None] * GS + g[None, :]  # (NSP, GS)
-    live = (s < N_SPLITS)[:, None] & (g < GS)[None, :]
-    # .cg: read from L2, where the other programs' stores are; L1 may hold stale lines
-    m = tl.load(
-        ML + (part + (row * N_SPLITS + s)[:, None] * GS), mask=live, other=float("-inf"), cache_modifier=".cg"
-    )
-    l_s = tl.load(
-        ML + (part + (row * N_SPLITS + s + 1)[:, None] * GS), mask=live, other=0.0, cache_modifier=".cg"
-    )
-    o = tl.load(
-        OP + part[:, :, None] * BLOCK_D + d[None, None, :],
-        mask=live[:, :, None],
-        other=0.0,
-        cache_modifier=".cg",
-    )
-    m_max = tl.max(m, axis=0)  # (GS,)
-    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max)[None, :])  # (NSP, GS); empty: 0
-    l_sum = tl.sum(l_s * w, axis=0)
-    out = tl.sum(o * w[:, :, None], axis=0) / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
-    o_ptr = Out + b * s_ob + (h * G + g)[:, None] * s_oh + d[None, :] * s_od
-    tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=(g < G)[:, None] & (d < D)[None, :])
-
-
-@triton.jit
-def _publish_merge(
-    OP, ML, Out, TICKET, row, split, b, h, m_i, l_i, acc, s_ob, s_oh, s_od,
-    G, G_PAD: tl.constexpr, GS: tl.constexpr, D, BLOCK_D: tl.constexpr, N_SPLITS: tl.constexpr,
-    NSP: tl.constexpr, MERGE: tl.constexpr,
-):  # fmt: skip
-    """Publish this program's partial softmax (rows, N_SPLITS, GS, BLOCK_D) / (rows, N_SPLITS, 2,
-    GS); the row's last program to arrive (an atomic ticket) merges them into Out (MERGE 0: every
-    partial loaded at once; 1: a running merge; 2: the running merge unrolled) and re-arms the
-    ticket. Returns whether this
-    program merged."""
-    g = tl.arange(0, G_PAD)
-    d = tl.arange(0, BLOCK_D)
-    part = (row * N_SPLITS + split) * GS
-    gmask = g < GS
-    tl.store(OP + (part + g)[:, None] * BLOCK_D + d[None, :], acc, mask=gmask[:, None])
-    tl.store(ML + (part * 2 + g), m_i, mask=gmask)
-    tl.store(ML + (part * 2 + GS + g), l_i, mask=gmask)
-    # the barrier + acq_rel atomic publish this program's stores first
-    tl.debug_barrier()
-    ticket = tl.atomic_add(TICKET + row, 1, sem="acq_rel")
-    last = ticket == N_SPLITS - 1
-    if last:
-        if MERGE == 0:
-            _merge_wide(OP, ML, Out, row, b, h, s_ob, s_oh, s_od, G, GS, D, BLOCK_D, N_SPLITS, NSP)
-        else:  # the same (rows, N_SPLITS, GS, ...) layout
-            _merge_splits(OP, ML, Out, row, b, h, s_ob, s_oh, s_od, G, GS, D, BLOCK_D, N_SPLITS, MERGE == 2)
-        tl.atomic_xchg(TICKET + row, 0)  # ready for the next launch (and CUDA-graph replays)
-    return last
 
 
 @triton.jit
